@@ -1,0 +1,3 @@
+from dinov2.cli import run
+
+run()

@@ -1,0 +1,85 @@
+"""The ``dinov2`` command: one sub-command per job."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="DINOv2: curate, pretrain, distill and evaluate self-supervised ViTs.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def models() -> None:
+    """List the torch.hub models with their parameter counts (built on the meta device: no memory used)."""
+    from dinov2.hub import ENTRY_POINTS
+    from dinov2.hub.export import count_parameters
+
+    table = Table("name", "parameters", "embed_dim", "blocks", "registers")
+    for name in sorted(ENTRY_POINTS):
+        with torch.device("meta"):
+            model = ENTRY_POINTS[name](pretrained=False)
+        backbone = getattr(model, "backbone", model)
+        table.add_row(
+            name, f"{count_parameters(model):,}", str(backbone.embed_dim), str(backbone.n_blocks),
+            str(backbone.num_register_tokens),
+        )
+    console.print(table)
+
+
+@app.command()
+def export(
+    model: str = typer.Option(..., help="torch.hub name of the backbone, e.g. dinov2_vits14."),
+    weights: str = typer.Option(..., help="Checkpoint: path, file:// or http(s):// URL, or LVD142M."),
+    out: Path = typer.Option(..., help="Output .safetensors file."),
+    layout: str = typer.Option("hub", help="Key layout: 'hub' (released DINOv2) or 'timm'."),
+) -> None:
+    """Load a backbone checkpoint strictly and write it as safetensors in the hub or timm layout."""
+    from dinov2.hub import create, save_backbone, save_timm
+
+    if layout not in ("hub", "timm"):
+        raise typer.BadParameter(f"unknown layout {layout!r}; expected 'hub' or 'timm'", param_hint="--layout")
+    if out.suffix != ".safetensors":
+        raise typer.BadParameter(f"{out} should end in .safetensors", param_hint="--out")
+    backbone = create(model, pretrained=True, weights=weights)
+    (save_backbone if layout == "hub" else save_timm)(backbone, out)
+    console.print(f"wrote {out} ({layout} layout)")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), help="Output folder (replaced when the run completes)."),
+    model: str = typer.Option("dinov2_vits14", help="torch.hub name of the backbone."),
+    weights: Optional[str] = typer.Option(None, help="Checkpoint path/URL; random init when omitted."),
+    images: Optional[Path] = typer.Option(None, help="Folder of images; scikit-image's bundled photos when omitted."),
+    crop_size: int = typer.Option(224, help="Center-crop size in pixels (a multiple of the patch size)."),
+) -> None:
+    """Embed real photos with a backbone, export it, reload the export and check the features match."""
+    from dinov2.demo import run_demo
+
+    summary = run_demo(out, model_name=model, weights=weights, images=images, crop_size=crop_size)
+    console.print_json(json.dumps(summary))
+    console.print(f"outputs in {out}/")
+
+
+# Errors a user can fix (bad path, bad checkpoint, bad option value): one line, exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def run() -> None:
+    try:
+        app()
+    except USER_ERRORS as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)

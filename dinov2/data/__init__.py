@@ -1,0 +1,1 @@
+"""Images in, tensors out: reading image files robustly and the evaluation transform."""

@@ -1,0 +1,125 @@
+"""Writing backbones for others to load: safetensors in the released-hub layout, and timm's layout.
+
+Our safetensors files carry the architecture in their metadata (``dinov2.config``), so
+``load_backbone(path)`` rebuilds the model without being told what it is. Files are written under a
+temporary name and renamed when complete: an interrupted export never leaves a file that looks whole.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from dinov2.hub.checkpoints import CheckpointError, load_state_dict_strict, to_backbone_keys
+from dinov2.models import DinoVisionTransformer
+
+FORMAT_KEY = "format"
+CONFIG_KEY = "dinov2.config"
+BACKBONE_FORMAT = "dinov2-backbone"
+TIMM_FORMAT = "timm-vit"
+
+_TIMM_ARCH = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant"}
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+
+
+def save_backbone(model: DinoVisionTransformer, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Backbone weights in the released-hub key layout, with the architecture in the metadata."""
+    from safetensors.torch import save_file
+
+    header = {FORMAT_KEY: BACKBONE_FORMAT, CONFIG_KEY: json.dumps(model.config), **(metadata or {})}
+    state_dict = _contiguous(model.state_dict())
+    return write_atomically(path, lambda tmp: save_file(state_dict, str(tmp), metadata=header))
+
+
+def load_backbone(path: str | Path, **overrides) -> DinoVisionTransformer:
+    """Rebuild and strictly load a backbone written by ``save_backbone``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        state_dict = load_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"cannot read {path}: it is corrupted or not a safetensors file ({error})") from error
+    if header.get(FORMAT_KEY) != BACKBONE_FORMAT or CONFIG_KEY not in header:
+        raise CheckpointError(
+            f"{path} has no DINOv2 architecture metadata (format {header.get(FORMAT_KEY)!r}); "
+            "load it into a model you build, e.g. dinov2.hub.dinov2_vits14(weights=path)"
+        )
+    model = DinoVisionTransformer(**{**json.loads(header[CONFIG_KEY]), **overrides})
+    load_state_dict_strict(model, to_backbone_keys(state_dict), str(path))
+    return model
+
+
+def timm_model_name(config: Mapping) -> str:
+    """The timm model whose layout matches, e.g. vit_small_patch14_reg4_dinov2.
+
+    Create it with ``img_size`` and ``patch_size`` from ``timm_model_kwargs`` when they differ from 518/14.
+    """
+    if config["embed_dim"] not in _TIMM_ARCH:
+        raise CheckpointError(f"timm has no DINOv2 model of width {config['embed_dim']}; expected one of {sorted(_TIMM_ARCH)}")
+    registers = f"_reg{config['num_register_tokens']}" if config["num_register_tokens"] else ""
+    return f"{_TIMM_ARCH[config['embed_dim']]}_patch14{registers}_dinov2"
+
+
+def timm_model_kwargs(config: Mapping) -> dict:
+    return {"img_size": config["img_size"], "patch_size": config["patch_size"], "num_classes": 0}
+
+
+def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Released-hub keys -> timm VisionTransformer keys.
+
+    timm keeps no mask token; register models there put no position embedding on CLS, so the CLS
+    position embedding is folded into the CLS token; the packed SwiGLU is ``mlp.fc1``/``mlp.fc2``.
+    """
+    source = dict(to_backbone_keys(state_dict))
+    source.pop("mask_token", None)
+    converted: dict[str, torch.Tensor] = {}
+    if "register_tokens" in source:
+        converted["reg_token"] = source.pop("register_tokens")
+        pos_embed = source.pop("pos_embed")
+        converted["cls_token"] = source.pop("cls_token") + pos_embed[:, :1]
+        converted["pos_embed"] = pos_embed[:, 1:]
+    for key, value in source.items():
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)
+        converted[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)] = value
+    return converted
+
+
+def save_timm(model: DinoVisionTransformer, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    header = {
+        FORMAT_KEY: TIMM_FORMAT,
+        "timm.model_name": timm_model_name(model.config),
+        "timm.model_kwargs": json.dumps(timm_model_kwargs(model.config)),
+    }
+    state_dict = _contiguous(to_timm_state_dict(model.state_dict()))
+    return write_atomically(path, lambda tmp: save_file(state_dict, str(tmp), metadata=header))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
