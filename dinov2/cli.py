@@ -4,7 +4,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -32,7 +31,10 @@ def models() -> None:
             model = ENTRY_POINTS[name](pretrained=False)
         backbone = getattr(model, "backbone", model)
         table.add_row(
-            name, f"{count_parameters(model):,}", str(backbone.embed_dim), str(backbone.n_blocks),
+            name,
+            f"{count_parameters(model):,}",
+            str(backbone.embed_dim),
+            str(backbone.n_blocks),
             str(backbone.num_register_tokens),
         )
     console.print(table)
@@ -61,8 +63,8 @@ def export(
 def demo(
     out: Path = typer.Option(Path("outputs/demo"), help="Output folder (replaced when the run completes)."),
     model: str = typer.Option("dinov2_vits14", help="torch.hub name of the backbone."),
-    weights: Optional[str] = typer.Option(None, help="Checkpoint path/URL; random init when omitted."),
-    images: Optional[Path] = typer.Option(None, help="Folder of images; scikit-image's bundled photos when omitted."),
+    weights: str | None = typer.Option(None, help="Checkpoint path/URL; random init when omitted."),
+    images: Path | None = typer.Option(None, help="Folder of images; scikit-image's bundled photos when omitted."),
     crop_size: int = typer.Option(224, help="Center-crop size in pixels (a multiple of the patch size)."),
 ) -> None:
     """Embed real photos with a backbone, export it, reload the export and check the features match."""

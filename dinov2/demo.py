@@ -68,10 +68,12 @@ def run_demo(
     crop_size: int = 224,
     batch_size: int = 8,
 ) -> dict:
-    skipped = SkippedImages()
-    photos = folder_photos(images, skipped) if images else bundled_photos()
     model = create(model_name, pretrained=weights is not None, **({"weights": weights} if weights else {}))
     model.eval()
+    if crop_size % model.patch_size:
+        raise ValueError(f"crop size {crop_size} is not a multiple of the patch size {model.patch_size}")
+    skipped = SkippedImages()
+    photos = folder_photos(images, skipped) if images else bundled_photos()
     transform = make_eval_transform(resize_size=crop_size * 256 // 224, crop_size=crop_size)
     pixels = torch.stack([transform(image) for _, image in photos])
 

@@ -1,6 +1,6 @@
 """torch.hub-style entry points (``dinov2_vits14`` ...), checkpoint loading and export."""
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -56,5 +56,20 @@ __all__ = [
     "save_timm",
     "to_backbone_keys",
     "to_timm_state_dict",
-    *sorted(ENTRY_POINTS),
+    "dinov2_vitb14",
+    "dinov2_vitb14_lc",
+    "dinov2_vitb14_reg",
+    "dinov2_vitb14_reg_lc",
+    "dinov2_vitg14",
+    "dinov2_vitg14_lc",
+    "dinov2_vitg14_reg",
+    "dinov2_vitg14_reg_lc",
+    "dinov2_vitl14",
+    "dinov2_vitl14_lc",
+    "dinov2_vitl14_reg",
+    "dinov2_vitl14_reg_lc",
+    "dinov2_vits14",
+    "dinov2_vits14_lc",
+    "dinov2_vits14_reg",
+    "dinov2_vits14_reg_lc",
 ]

@@ -71,7 +71,12 @@ def make_dinov2_model(
 REGISTER_OPTIONS = {"num_register_tokens": 4, "interpolate_antialias": True, "interpolate_offset": 0.0}
 # ViT-g's feed-forward is the fused SwiGLU; the others use the GELU MLP.
 ARCH_OPTIONS = {"vit_small": {}, "vit_base": {}, "vit_large": {}, "vit_giant2": {"ffn_layer": "swiglufused"}}
-ARCH_TITLES = {"vit_small": "ViT-S/14 (21M)", "vit_base": "ViT-B/14 (86M)", "vit_large": "ViT-L/14 (300M)", "vit_giant2": "ViT-g/14 (1.1B)"}
+ARCH_TITLES = {
+    "vit_small": "ViT-S/14 (21M)",
+    "vit_base": "ViT-B/14 (86M)",
+    "vit_large": "ViT-L/14 (300M)",
+    "vit_giant2": "ViT-g/14 (1.1B)",
+}
 
 
 def hub_options(arch_name: str, registers: bool) -> dict:
@@ -82,7 +87,10 @@ def hub_options(arch_name: str, registers: bool) -> dict:
 def _backbone_entry(arch_name: str, registers: bool):
     def entry(*, pretrained: bool = True, weights: Weights | str | Path = Weights.LVD142M, **kwargs):
         return make_dinov2_model(
-            arch_name=arch_name, pretrained=pretrained, weights=weights, **{**hub_options(arch_name, registers), **kwargs}
+            arch_name=arch_name,
+            pretrained=pretrained,
+            weights=weights,
+            **{**hub_options(arch_name, registers), **kwargs},
         )
 
     entry.__name__ = entry.__qualname__ = model_name(arch_name, 14) + ("_reg" if registers else "")

@@ -8,8 +8,8 @@ cache (``$TORCH_HOME/hub/checkpoints``), written to a temporary name and renamed
 import re
 import urllib.error
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -69,7 +69,9 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted or not a weights file ({error})") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is corrupted or not a weights file ({error})"
+        ) from error
     return _unwrap(loaded, str(path))
 
 

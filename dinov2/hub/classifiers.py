@@ -9,11 +9,13 @@ from torch import nn
 from dinov2.hub.backbones import (
     ARCH_TITLES,
     DINOV2_BASE_URL,
-    Weights as BackboneWeights,
     hub_options,
     make_dinov2_model,
     model_name,
     weights_source,
+)
+from dinov2.hub.backbones import (
+    Weights as BackboneWeights,
 )
 from dinov2.hub.checkpoints import CheckpointError, load_state_dict_strict, read_state_dict
 
@@ -77,13 +79,17 @@ def make_dinov2_linear_classifier(
         source = weights_source(weights, official, Weights)
         state_dict = read_state_dict(source)
         if set(state_dict) != {"weight", "bias"}:
-            raise CheckpointError(f"{source} is not a linear head: expected keys weight and bias, got {sorted(state_dict)[:6]}")
+            raise CheckpointError(
+                f"{source} is not a linear head: expected keys weight and bias, got {sorted(state_dict)[:6]}"
+            )
         load_state_dict_strict(linear_head, state_dict, source)
     return LinearClassifier(backbone, linear_head, layers)
 
 
 def _classifier_entry(arch_name: str, registers: bool):
-    def entry(*, layers: int = 4, pretrained: bool = True, weights: Weights | str | Path = Weights.IMAGENET1K, **kwargs):
+    def entry(
+        *, layers: int = 4, pretrained: bool = True, weights: Weights | str | Path = Weights.IMAGENET1K, **kwargs
+    ):
         return make_dinov2_linear_classifier(
             arch_name=arch_name,
             layers=layers,

@@ -8,13 +8,14 @@ temporary name and renamed when complete: an interrupted export never leaves a f
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from dinov2.hub.checkpoints import CheckpointError, load_state_dict_strict, to_backbone_keys
+from dinov2.layers.mlp import swiglu_hidden_dim
 from dinov2.models import DinoVisionTransformer
 
 FORMAT_KEY = "format"
@@ -75,18 +76,35 @@ def load_backbone(path: str | Path, **overrides) -> DinoVisionTransformer:
 
 
 def timm_model_name(config: Mapping) -> str:
-    """The timm model whose layout matches, e.g. vit_small_patch14_reg4_dinov2.
+    """The timm model with the same layout, e.g. vit_small_patch14_reg4_dinov2.
 
-    Create it with ``img_size`` and ``patch_size`` from ``timm_model_kwargs`` when they differ from 518/14.
+    Create it with ``timm_model_kwargs(config)``, which sets size, patch and width where they differ.
     """
-    if config["embed_dim"] not in _TIMM_ARCH:
-        raise CheckpointError(f"timm has no DINOv2 model of width {config['embed_dim']}; expected one of {sorted(_TIMM_ARCH)}")
+    if config["ffn_layer"] in ("swiglu", "swiglufused"):
+        family = "vit_giant"
+    else:
+        family = _TIMM_ARCH.get(config["embed_dim"], "vit_small")
     registers = f"_reg{config['num_register_tokens']}" if config["num_register_tokens"] else ""
-    return f"{_TIMM_ARCH[config['embed_dim']]}_patch14{registers}_dinov2"
+    return f"{family}_patch14{registers}_dinov2"
 
 
 def timm_model_kwargs(config: Mapping) -> dict:
-    return {"img_size": config["img_size"], "patch_size": config["patch_size"], "num_classes": 0}
+    kwargs = {
+        "img_size": config["img_size"],
+        "patch_size": config["patch_size"],
+        "embed_dim": config["embed_dim"],
+        "depth": config["depth"],
+        "num_heads": config["num_heads"],
+        "num_classes": 0,
+    }
+    if config["ffn_layer"] in ("swiglu", "swiglufused"):
+        # timm sizes its packed SwiGLU as int(dim * 5.33334); ours rounds 2/3 of the MLP width up to 8.
+        packed = 2 * swiglu_hidden_dim(int(config["embed_dim"] * config["mlp_ratio"]))
+        if packed != int(config["embed_dim"] * 2.66667 * 2):
+            raise CheckpointError(f"timm cannot build the SwiGLU width {packed} of a {config['embed_dim']}-wide model")
+    else:
+        kwargs["mlp_ratio"] = config["mlp_ratio"]
+    return kwargs
 
 
 def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ Backends:
 
 import logging
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def _xformers_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
-@lru_cache(maxsize=None)
+@cache
 def xformers_usable(device_type: str, dtype: torch.dtype) -> bool:
     """True when xformers imports and its kernel gives the right answer on this device and dtype."""
     try:

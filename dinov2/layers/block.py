@@ -1,6 +1,6 @@
 """Pre-norm transformer block with LayerScale and stochastic depth."""
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class Block(nn.Module):
         proj_bias: bool = True,
         ffn_bias: bool = True,
         ffn_layer: str = "mlp",
-        init_values: Optional[float] = None,
+        init_values: float | None = None,
         drop_path: float = 0.0,
         attn_backend: str = "sdpa",
     ):

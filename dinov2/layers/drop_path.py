@@ -7,7 +7,7 @@ Two equivalent-in-expectation forms:
   compute of every block, which is why the reference uses it above a rate of 0.1.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

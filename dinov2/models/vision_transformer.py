@@ -6,8 +6,9 @@ patches (registers get no position embedding).
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ class DinoVisionTransformer(nn.Module):
         proj_bias: bool = True,
         ffn_bias: bool = True,
         ffn_layer: str = "mlp",
-        init_values: Optional[float] = None,
+        init_values: float | None = None,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = False,
         num_register_tokens: int = 0,
@@ -169,12 +170,14 @@ class DinoVisionTransformer(nn.Module):
         )
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(dtype)
 
-    def prepare_tokens_with_masks(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def prepare_tokens_with_masks(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(images)
         batch, n_patches = x.shape[:2]
         if masks is not None:
             if masks.shape != (batch, n_patches):
-                raise ValueError(f"masks must have shape {(batch, n_patches)} (batch, patches), got {tuple(masks.shape)}")
+                raise ValueError(
+                    f"masks must have shape {(batch, n_patches)} (batch, patches), got {tuple(masks.shape)}"
+                )
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(batch, -1, -1).to(x.dtype), x), dim=1)
         grid_hw = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
@@ -184,7 +187,7 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], registers, x[:, 1:]), dim=1)
         return x
 
-    def _split_tokens(self, x_prenorm: torch.Tensor, masks: Optional[torch.Tensor]) -> dict[str, Any]:
+    def _split_tokens(self, x_prenorm: torch.Tensor, masks: torch.Tensor | None) -> dict[str, Any]:
         x_norm = self.norm(x_prenorm)
         return {
             "x_norm_clstoken": x_norm[:, 0],
@@ -197,17 +200,17 @@ class DinoVisionTransformer(nn.Module):
     def forward_features(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        masks: Optional[torch.Tensor | list[Optional[torch.Tensor]]] = None,
+        masks: torch.Tensor | list[torch.Tensor | None] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """One image batch -> dict of token groups; a list of crop batches -> a list of such dicts."""
         if isinstance(x, list):
             masks_list = masks if masks is not None else [None] * len(x)
             if len(masks_list) != len(x):
                 raise ValueError(f"got {len(x)} crop batches but {len(masks_list)} masks")
-            tokens = [self.prepare_tokens_with_masks(crops, m) for crops, m in zip(x, masks_list)]
+            tokens = [self.prepare_tokens_with_masks(crops, m) for crops, m in zip(x, masks_list, strict=True)]
             for block in self.blocks:
                 tokens = block(tokens)
-            return [self._split_tokens(t, m) for t, m in zip(tokens, masks_list)]
+            return [self._split_tokens(t, m) for t, m in zip(tokens, masks_list, strict=True)]
         tokens = self.prepare_tokens_with_masks(x, masks)
         for block in self.blocks:
             tokens = block(tokens)
@@ -247,7 +250,7 @@ class DinoVisionTransformer(nn.Module):
                 out.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for out in patch_tokens
             ]
         if return_class_token:
-            return tuple(zip(patch_tokens, class_tokens))
+            return tuple(zip(patch_tokens, class_tokens, strict=True))
         return tuple(patch_tokens)
 
     def forward(self, x, masks=None, is_training: bool = False):
