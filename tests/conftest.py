@@ -6,6 +6,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -50,3 +60,74 @@ def photo_batch(photos):
         return torch.stack([to_tensor(image, size) for image in photos])
 
     return batch
+
+
+SHARED_DATASETS = Path(
+    os.environ.get("DINOV2_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+)
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> Path:
+    """The CIFAR-10 JPEG copy (ImageFolder layout: <root>/{train,test}/<class>/*.jpg), extracted once."""
+    archive = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
+    if not archive.is_file():
+        raise FileNotFoundError(
+            f"{archive} is missing: the tests need the shared CIFAR-10 copy (set DINOV2_SHARED_DATASETS)"
+        )
+    target = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return target / "cifar10"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store, file artifacts); yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_http(f"{uri}/health", process, timeout=90)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_server, monkeypatch) -> str:
+    """Point this test's MLflow client (and the processes it starts) at the real server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server
