@@ -21,7 +21,7 @@ def photo_folder(tmp_path, photos):
     tmp_path = tmp_path / "photos"
     for index, image in enumerate(photos):
         folder = tmp_path / ("a" if index < 2 else "b")
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         image.resize((40, 40)).save(folder / f"{index}.png")
     (tmp_path / "b" / "9_corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     return tmp_path
