@@ -1,0 +1,95 @@
+"""The curation stage commands: ``dinov2 prepare``, ``embed``, ``dedup`` and ``retrieve``.
+
+Each reads its section of params.yaml (validated before any work), takes explicit input and output
+paths so DVC and Prefect can wire it, writes metrics and plots into its output folder and logs them
+to MLflow in the experiment ``dinov2/<stage>``.
+"""
+
+from pathlib import Path
+
+import typer
+
+from dinov2.configuration import load_section
+from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
+from dinov2.tracking import tracked_run
+
+PARAMS = typer.Option(Path("params.yaml"), help="params.yaml holding this stage's section (defaults if absent).")
+
+
+def _section(path: Path, name: str, schema):
+    return load_section(path, name, schema) if path.is_file() else schema()
+
+
+def _log(stage: str, config: dict, metrics: dict, out: Path) -> None:
+    with tracked_run(stage, config=config) as tracker:
+        tracker.log_metrics({key: value for key, value in metrics.items() if isinstance(value, int | float)})
+        plots = out / "plots"
+        if plots.is_dir() and any(plots.iterdir()):
+            tracker.log_artifact(plots, "plots")
+        tracker.log_artifact(out / "metrics.json")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def prepare(
+        images: Path = typer.Option(..., help="Folder of images (searched recursively)."),
+        source: str = typer.Option(..., help="Name of this image source, e.g. cifar10_train."),
+        split: str = typer.Option(..., help="pool (uncurated), seed (curated) or eval (to keep out)."),
+        out: Path = typer.Option(..., help="Output folder: manifest.parquet, unreadable.parquet, metrics.json."),
+        params: Path = PARAMS,
+    ) -> None:
+        """Build the Parquet manifest of an image folder (unreadable files recorded, exact copies collapsed)."""
+        from dinov2.curation import stages
+
+        config = _section(params, "prepare", PrepareParams)
+        metrics = stages.prepare(images, source, split, out, config)
+        _log("prepare", {**config.model_dump(), "images": str(images), "source": source, "split": split}, metrics, out)
+        typer.echo(f"{metrics['prepare/images']} images in {out / 'manifest.parquet'}")
+
+    @app.command()
+    def embed(
+        manifest: Path = typer.Option(..., help="manifest.parquet written by `dinov2 prepare`."),
+        out: Path = typer.Option(..., help="Embedding folder (resumable: finished shards are kept)."),
+        params: Path = PARAMS,
+    ) -> None:
+        """Embed a manifest into L2-normalised fp16 shards (under torchrun: shards split over ranks)."""
+        from dinov2.curation import stages
+
+        config = _section(params, "embed", EmbedParams)
+        metrics = stages.embed(manifest, out, config)
+        if "embed/embedded" in metrics:
+            _log("embed", {**config.model_dump(), "manifest": str(manifest)}, metrics, out)
+            typer.echo(f"{metrics['embed/embedded']} embeddings in {out}")
+
+    @app.command()
+    def dedup(
+        pool: Path = typer.Option(..., help="Embedding folder of the uncurated pool."),
+        eval_embeddings: list[Path] = typer.Option([], "--eval", help="Embedding folder of an evaluation split."),
+        out: Path = typer.Option(..., help="Output folder: kept.parquet, duplicate_groups.parquet, plots/."),
+        params: Path = PARAMS,
+    ) -> None:
+        """Self-dedup the pool and drop every image near-duplicated with an evaluation image."""
+        from dinov2.curation import stages
+
+        config = _section(params, "dedup", DedupParams)
+        metrics = stages.dedup(pool, eval_embeddings, out, config)
+        _log("dedup", {**config.model_dump(), "pool": str(pool)}, metrics, out)
+        typer.echo(f"kept {metrics['dedup/kept']} of {metrics['dedup/pool_images']} pool images")
+
+    @app.command()
+    def retrieve(
+        pool: Path = typer.Option(..., help="Embedding folder of the pool."),
+        kept: Path = typer.Option(..., help="kept.parquet written by `dinov2 dedup`."),
+        seed: list[Path] = typer.Option([], help="Embedding folder of a curated seed set (repeatable)."),
+        out: Path = typer.Option(..., help="Output folder: curated.parquet, plots/, metrics.json."),
+        params: Path = PARAMS,
+    ) -> None:
+        """Retrieve the pool images that resemble each seed set: the curated pretraining manifest."""
+        from dinov2.curation import stages
+
+        config = _section(params, "retrieve", RetrieveParams)
+        if not seed and config.balanced is None:
+            raise ValueError("give at least one --seed embedding folder, or configure retrieve.balanced")
+        metrics = stages.retrieve(pool, kept, seed, out, config)
+        _log("retrieve", {**config.model_dump(), "pool": str(pool)}, metrics, out)
+        typer.echo(f"{metrics['retrieve/curated']} curated images in {out / 'curated.parquet'}")

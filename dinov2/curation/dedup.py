@@ -1,0 +1,101 @@
+"""Self-dedup and relative dedup on a k-NN graph (paper appendix A.2-A.3).
+
+Self-dedup links every image to those of its k nearest neighbours (k = 64) whose cosine exceeds the
+threshold, takes the connected components and keeps one image per component: the first in manifest
+order, so the result does not depend on the search backend's tie order. Relative dedup builds the same
+graph over pool + evaluation images and drops every pool image whose component holds an evaluation
+image, so a chain of near-copies cannot smuggle a test image into pretraining.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dinov2.curation.components import connected_components
+from dinov2.curation.index import IndexKind, Placement, VectorIndex, check_vectors
+
+
+def check_threshold(threshold: float, name: str) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{name} must be a cosine similarity in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+def knn_edges(
+    vectors: np.ndarray,
+    k: int,
+    threshold: float,
+    kind: IndexKind = "auto",
+    placement: Placement = "auto",
+) -> np.ndarray:
+    """(E, 2) edges i -> j for j among the k nearest neighbours of i with cosine > threshold."""
+    check_threshold(threshold, "threshold")
+    if k < 2:
+        raise ValueError(f"k must be at least 2 (the nearest neighbour of a vector is itself), got {k}")
+    index = VectorIndex(vectors, kind=kind, placement=placement)
+    sims, rows = index.search(index.vectors, k)
+    linked = (sims > threshold) & (rows >= 0)
+    sources = np.broadcast_to(np.arange(len(vectors))[:, None], rows.shape)
+    return np.stack([sources[linked], rows[linked]], axis=1)
+
+
+@dataclass
+class SelfDedup:
+    labels: np.ndarray  # component label (its smallest member) of every image
+    keep: np.ndarray  # boolean mask: the representative of every component
+
+    def counts(self) -> dict[str, int]:
+        sizes = np.bincount(self.labels)
+        return {
+            "images": len(self.labels),
+            "kept": int(self.keep.sum()),
+            "removed": int((~self.keep).sum()),
+            "duplicate_groups": int((sizes > 1).sum()),
+            "largest_group": int(sizes.max()) if len(sizes) else 0,
+        }
+
+    def groups(self) -> list[np.ndarray]:
+        """Members of every component with more than one image, largest first."""
+        order = np.argsort(self.labels, kind="stable")
+        starts = np.flatnonzero(np.diff(self.labels[order], prepend=-1))
+        members = np.split(order, starts[1:])
+        return sorted((m for m in members if len(m) > 1), key=lambda m: (-len(m), m[0]))
+
+
+def self_dedup(
+    vectors: np.ndarray,
+    k: int = 64,
+    threshold: float = 0.6,
+    kind: IndexKind = "auto",
+    placement: Placement = "auto",
+) -> SelfDedup:
+    vectors = check_vectors(vectors, "embeddings")
+    labels = connected_components(
+        len(vectors), knn_edges(vectors, min(k, len(vectors)) if len(vectors) > 1 else 2, threshold, kind, placement)
+    )
+    keep = labels == np.arange(len(vectors))
+    return SelfDedup(labels, keep)
+
+
+def relative_dedup(
+    pool: np.ndarray,
+    evaluation: list[np.ndarray],
+    k: int = 64,
+    threshold: float = 0.45,
+    kind: IndexKind = "auto",
+    placement: Placement = "auto",
+) -> np.ndarray:
+    """Boolean mask over the pool: True where the image's component holds no evaluation image."""
+    pool = check_vectors(pool, "pool embeddings")
+    if not evaluation:
+        return np.ones(len(pool), dtype=bool)
+    sets = [
+        check_vectors(vectors, f"evaluation set {i} embeddings", pool.shape[1]) for i, vectors in enumerate(evaluation)
+    ]
+    everything = np.concatenate([pool, *sets])
+    labels = connected_components(
+        len(everything), knn_edges(everything, max(2, min(k, len(everything))), threshold, kind, placement)
+    )
+    tainted = np.zeros(len(everything), dtype=bool)
+    tainted[np.unique(labels[len(pool) :])] = True
+    return ~tainted[labels[: len(pool)]]

@@ -1,0 +1,103 @@
+"""What turns images into vectors: a backbone (ours, a released DINOv2, a torch.hub model) or the copy descriptor.
+
+``build_embedder(model, weights)`` accepts:
+
+- ``copy_descriptor``: the training-free copy-detection descriptor of ``descriptors.py``;
+- a hub name such as ``dinov2_vits14`` (random init, or ``weights`` = path / URL / ``LVD142M``);
+- a ``.safetensors`` file written by ``dinov2.hub.save_backbone`` (the architecture is in the file);
+- ``torchhub:<repo>:<entry point>``, e.g. ``torchhub:facebookresearch/dinov2:dinov2_vits14`` or a local
+  hub directory, loaded with ``torch.hub.load`` (the model must return one embedding per image).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.data.transforms import make_eval_transform
+
+# The paper's cosine thresholds for copy-detection embeddings (SSCD): self-dedup 0.6, relative 0.45.
+PAPER_THRESHOLDS = {"self": 0.6, "relative": 0.45}
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+    thresholds: dict[str, float]
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """(len(images), dim) float32, each row of unit norm."""
+        ...
+
+
+@dataclass
+class CopyDescriptorEmbedder:
+    name: str = "copy_descriptor"
+    dim: int = COPY_DESCRIPTOR_DIM
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(COPY_DESCRIPTOR_THRESHOLDS))
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([copy_descriptor(image) for image in images])
+
+
+class BackboneEmbedder:
+    """Any module mapping a normalised (B, 3, H, W) batch to (B, D) features; outputs are L2-normalised."""
+
+    def __init__(self, model: nn.Module, name: str, crop_size: int = 224, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.name = name
+        self.device = torch.device(device)
+        self.thresholds = dict(PAPER_THRESHOLDS)
+        patch_size = getattr(model, "patch_size", 1)
+        if crop_size % patch_size:
+            raise ValueError(f"crop size {crop_size} is not a multiple of the patch size {patch_size} of {name}")
+        self.transform = make_eval_transform(resize_size=crop_size * 256 // 224, crop_size=crop_size)
+        with torch.inference_mode():
+            probe = self._forward(torch.zeros(1, 3, crop_size, crop_size, device=self.device))
+        self.dim = int(probe.shape[1])
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.model(pixels)
+        if not isinstance(output, torch.Tensor) or output.ndim != 2:
+            raise ValueError(f"{self.name} must return one (B, D) tensor per batch, got {type(output).__name__}")
+        return output
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        with torch.inference_mode():
+            features = F.normalize(self._forward(pixels).float(), dim=-1)
+        return features.cpu().numpy()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_embedder(model: str, weights: str | None = None, crop_size: int = 224, device: str | None = None) -> Embedder:
+    device = device or default_device()
+    if model == "copy_descriptor":
+        if weights:
+            raise ValueError("the copy descriptor has no weights; remove 'weights'")
+        return CopyDescriptorEmbedder()
+    if model.startswith("torchhub:"):
+        parts = model.split(":")
+        if len(parts) != 3 or not all(parts[1:]):
+            raise ValueError(f"{model!r}: expected torchhub:<repo or local dir>:<entry point>")
+        _, repo, entry = parts
+        local = Path(repo).is_dir()
+        network = torch.hub.load(repo, entry, source="local" if local else "github", trust_repo=True)
+        return BackboneEmbedder(network, model, crop_size, device)
+    if model.endswith(".safetensors"):
+        from dinov2.hub import load_backbone
+
+        return BackboneEmbedder(load_backbone(model), Path(model).name, crop_size, device)
+    from dinov2.hub import create
+
+    network = create(model, pretrained=weights is not None, **({"weights": weights} if weights else {}))
+    return BackboneEmbedder(network, model, crop_size, device)

@@ -1,0 +1,145 @@
+"""Manifests: Parquet tables that name every image of a source once.
+
+Columns: ``id`` (unique within the manifest), ``path``, ``content_hash`` (SHA-256 of the file bytes),
+``size_bytes``, ``width``, ``height``, ``source``, ``split`` and ``label`` (empty when unknown).
+Building a manifest decodes every file, so an unreadable one is recorded (in the returned
+``unreadable`` table) instead of failing later inside an embedding job, and byte-identical files are
+collapsed to the first one in path order, counted in ``exact_duplicates``.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from dinov2.data.images import SkippedImages, list_images, try_read_rgb
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("content_hash", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+    ]
+)
+UNREADABLE_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
+SPLITS = ("pool", "seed", "eval")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used: missing, wrong columns, duplicate ids, missing image files."""
+
+
+@dataclass
+class BuiltManifest:
+    table: pa.Table
+    unreadable: pa.Table
+    exact_duplicates: int
+    files_seen: int
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "files": self.files_seen,
+            "images": self.table.num_rows,
+            "unreadable": self.unreadable.num_rows,
+            "exact_duplicates": self.exact_duplicates,
+        }
+
+
+def content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(folder: str | Path, source: str, split: str, labels_from_folders: bool = False) -> BuiltManifest:
+    """Scan a folder of images; ids are ``<source>/<path relative to the folder>``."""
+    if split not in SPLITS:
+        raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if not source or "/" in source:
+        raise ManifestError(f"source name {source!r} must be non-empty and contain no '/'")
+    folder = Path(folder)
+    files = list_images(folder)
+    skipped = SkippedImages()
+    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    seen_hashes: set[str] = set()
+    duplicates = 0
+    for path in tqdm(files, desc=f"manifest {source}", unit="img", disable=len(files) < 1000):
+        image = try_read_rgb(path, skipped)
+        if image is None:
+            continue
+        digest = content_hash(path)
+        if digest in seen_hashes:
+            duplicates += 1
+            continue
+        seen_hashes.add(digest)
+        relative = path.relative_to(folder).as_posix()
+        rows["id"].append(f"{source}/{relative}")
+        rows["path"].append(str(path.resolve()))
+        rows["content_hash"].append(digest)
+        rows["size_bytes"].append(path.stat().st_size)
+        rows["width"].append(image.width)
+        rows["height"].append(image.height)
+        rows["source"].append(source)
+        rows["split"].append(split)
+        rows["label"].append(path.parent.name if labels_from_folders and path.parent != folder else "")
+    if not rows["id"]:
+        raise ManifestError(f"none of the {len(files)} image files under {folder} could be decoded")
+    unreadable = pa.table({"path": skipped.paths, "reason": skipped.reasons}, schema=UNREADABLE_SCHEMA)
+    return BuiltManifest(pa.table(rows, schema=MANIFEST_SCHEMA), unreadable, duplicates, len(files))
+
+
+def write_table_atomically(table: pa.Table, path: str | Path) -> Path:
+    """Parquet under a temporary name, renamed when complete: never a half-written table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> pa.Table:
+    """A manifest, validated: the expected columns, unique ids, and (by default) every file present."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"{path} is not a Parquet manifest: {error}") from error
+    missing_columns = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if missing_columns:
+        raise ManifestError(f"{path} lacks the manifest column(s) {', '.join(missing_columns)}")
+    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    if table.num_rows == 0:
+        raise ManifestError(f"{path} holds no images")
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ManifestError(f"{path} has duplicate ids")
+    if check_files:
+        absent = [p for p in table.column("path").to_pylist() if not os.path.isfile(p)]
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise ManifestError(f"{path}: {len(absent)} image file(s) listed but missing: {shown}")
+    return table
+
+
+def open_image(path: str) -> Image.Image | None:
+    """An image for a report grid; None when it can no longer be read."""
+    return try_read_rgb(path, SkippedImages())

@@ -1,0 +1,77 @@
+"""The ``prepare``, ``embed``, ``dedup`` and ``retrieve`` sections of params.yaml, validated before any work."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dinov2.configuration import Section
+
+
+class PrepareParams(Section):
+    labels_from_folders: bool = Field(True, description="Label = name of the image's parent folder.")
+
+
+class EmbedParams(Section):
+    model: str = Field("copy_descriptor", description="copy_descriptor, a hub name, a .safetensors, torchhub:repo:name")
+    weights: str | None = None
+    crop_size: int = Field(224, ge=1)
+    batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(10_000, ge=1)
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; the GPU when there is one if unset.")
+
+
+def _cosine(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"a cosine threshold must lie in [0, 1], got {value}")
+    return value
+
+
+class DedupParams(Section):
+    k: int = Field(64, ge=2, description="Neighbours per image in the k-NN graph.")
+    # None: the embedder's own threshold (0.6 / 0.45 for backbones as in the paper, 0.825 / 0.75 for the
+    # copy descriptor), recorded in embeddings.json by the embed stage.
+    self_threshold: float | None = None
+    relative_threshold: float | None = None
+    index: Literal["auto", "flat", "ivfpq"] = "auto"
+    placement: Literal["auto", "cpu", "gpu"] = "auto"
+    report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")
+
+    _check = field_validator("self_threshold", "relative_threshold")(_cosine)
+
+
+class SeedRetrieval(Section):
+    """How one seed dataset retrieves pool images (the paper's Table 15 per dataset)."""
+
+    mode: Literal["sample", "cluster"]
+    k: int = Field(4, ge=1, description="sample mode: nearest pool images per seed image.")
+    min_seed_images: int = Field(3, ge=0, description="cluster mode: a cluster needs MORE seed images than this.")
+    images_per_cluster: int = Field(10_000, ge=1)
+    max_images: int | None = Field(1_000_000, ge=1, description="cap on the images retrieved for this dataset.")
+
+
+class BalancedRetrieval(Section):
+    clusters_per_level: list[int] = Field(default_factory=lambda: [100, 10])
+    resampling_steps: int = Field(10, ge=0)
+    resample_size: int = Field(10, ge=1)
+    images: int = Field(1000, ge=1, description="budget of the balanced sample.")
+
+
+class RetrieveParams(Section):
+    n_clusters: int = Field(100, ge=1, description="k-means clusters of the pool for cluster-based retrieval.")
+    kmeans_iterations: int = Field(20, ge=1)
+    seed: int = 0
+    default: SeedRetrieval = Field(default_factory=lambda: SeedRetrieval(mode="sample"))
+    datasets: dict[str, SeedRetrieval] = Field(default_factory=dict, description="per seed source name")
+    balanced: BalancedRetrieval | None = None
+    report_seeds: int = Field(6, ge=0, description="seed images drawn with their retrieved neighbours.")
+
+    @model_validator(mode="after")
+    def _levels_decrease(self) -> "RetrieveParams":
+        if self.balanced is not None:
+            levels = self.balanced.clusters_per_level
+            if not levels or any(b >= a for a, b in zip(levels, levels[1:], strict=False)):
+                raise ValueError(f"balanced.clusters_per_level must decrease, got {levels}")
+        return self
+
+    def for_dataset(self, source: str) -> SeedRetrieval:
+        return self.datasets.get(source, self.default)
