@@ -85,3 +85,8 @@ def run() -> None:
     except USER_ERRORS as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
+
+
+from dinov2.curation.commands import register as _register_curation  # noqa: E402
+
+_register_curation(app)
