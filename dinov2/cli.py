@@ -90,3 +90,11 @@ def run() -> None:
 from dinov2.curation.commands import register as _register_curation  # noqa: E402
 
 _register_curation(app)
+
+from dinov2.train.commands import register as _register_train  # noqa: E402
+
+_register_train(app)
+
+from dinov2.eval.commands import register as _register_eval  # noqa: E402
+
+_register_eval(app)

@@ -60,7 +60,7 @@ class Extraction:
 
 @torch.no_grad()
 def extract(
-    model: nn.Module,
+    model: nn.Module | None,
     dataset: torch.utils.data.Dataset,
     feature_fn: FeatureFn = class_token,
     batch_size: int = 64,
@@ -70,7 +70,8 @@ def extract(
 ) -> Extraction:
     if len(dataset) == 0:
         raise ValueError("cannot extract features from an empty dataset")
-    model = model.to(device).eval()
+    if model is not None:  # None: a feature_fn that reads the pixels themselves
+        model = model.to(device).eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_readable
     )
