@@ -21,10 +21,11 @@ class MaskingGenerator:
     log-uniformly in [min_aspect, max_aspect] (max_aspect defaults to 1 / min_aspect), and must be
     strictly smaller than the grid in both directions. A block is accepted only if it adds at least
     one and at most the remaining number of patches, so a mask never exceeds the requested count.
-    Blocks are added until the count is reached; if ten random blocks in a row cannot be placed
-    (the few remaining patches only fit in spots already masked), the mask stops short of the
-    request. The mask then has fewer patches, never more; `n_masked_patches` in the collated batch
-    reports what was really masked.
+    Blocks are added until the count is reached. The reference stops when ten random blocks in a
+    row cannot be placed (typically 1-3 patches short, in about 7% of the masks of a 16x16 grid at
+    ratios 0.1-0.5); with `fill_remainder=True` (default) the last few patches are instead added one
+    at a time next to the existing blocks, so every request up to the grid size is met exactly.
+    `fill_remainder=False` keeps the reference behaviour: fewer patches then, never more.
 
     Randomness comes from `generator` (a torch.Generator) when given, else from torch's global RNG,
     so a loader can make every mask a function of (seed, step, rank).
@@ -38,6 +39,7 @@ class MaskingGenerator:
         min_num_patches: int = 4,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
+        fill_remainder: bool = True,
     ) -> None:
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height <= 0 or width <= 0:
@@ -51,6 +53,7 @@ class MaskingGenerator:
         self.max_num_patches = max_num_patches
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
+        self.fill_remainder = fill_remainder
         max_aspect = max_aspect if max_aspect is not None else 1 / min_aspect
         self.log_aspect_range = (math.log(min_aspect), math.log(max_aspect))
 
@@ -83,8 +86,20 @@ class MaskingGenerator:
                 return added
         return 0
 
+    def _add_patch_next_to_blocks(self, mask: np.ndarray, generator: torch.Generator | None) -> None:
+        """Mask one random unmasked patch touching the mask (any unmasked patch if none touches it)."""
+        touching = np.zeros_like(mask)
+        touching[1:] |= mask[:-1]
+        touching[:-1] |= mask[1:]
+        touching[:, 1:] |= mask[:, :-1]
+        touching[:, :-1] |= mask[:, 1:]
+        candidates = np.flatnonzero(touching & ~mask)
+        if candidates.size == 0:
+            candidates = np.flatnonzero(~mask)
+        mask.flat[candidates[_randint(generator, 0, candidates.size - 1)]] = True
+
     def __call__(self, num_masking_patches: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
-        """A (height, width) bool mask with `num_masking_patches` True entries (fewer only if no block fits)."""
+        """A (height, width) bool mask with `num_masking_patches` True entries (see the class for when fewer)."""
         target = self.num_masking_patches if num_masking_patches is None else num_masking_patches
         target = target or 0
         if not 0 <= target <= self.num_patches:
@@ -93,7 +108,11 @@ class MaskingGenerator:
         masked = 0
         while masked < target:
             added = self._add_block(mask, min(target - masked, self.max_num_patches), generator)
-            if added == 0:
+            if added > 0:
+                masked += added
+            elif self.fill_remainder:
+                self._add_patch_next_to_blocks(mask, generator)
+                masked += 1
+            else:
                 break
-            masked += added
         return mask

@@ -1,0 +1,127 @@
+import logging
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
+
+
+def test_cifar10_folder_has_ten_classes_of_a_thousand(cifar10_root):
+    dataset = ImageFolderDataset(cifar10_root / "test")
+    assert len(dataset) == 10_000
+    assert dataset.classes[:3] == ["airplane", "automobile", "bird"] and len(dataset.classes) == 10
+    assert Counter(dataset.labels) == {label: 1000 for label in range(10)}
+    image, label = dataset[0]
+    assert image.size == (32, 32) and image.mode == "RGB" and label == 0
+    assert dataset[9999][1] == 9
+
+
+def test_bad_files_are_skipped_counted_and_logged(folder_with_bad_files, caplog):
+    dataset = ImageFolderDataset(folder_with_bad_files)
+    assert [p.name for p in dataset.paths] == [
+        "astronaut.jpg",
+        "coffee.png",
+        "chelsea.jpg",
+        "not_an_image.jpg",
+        "truncated.jpg",
+    ]  # fmt: skip  (README.txt is not an image file and is not listed)
+    assert dataset.labels == [0, 0, 1, 1, 1] and dataset.classes == ["cats", "dogs"]
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert [s is None for s in samples] == [False, False, False, True, True]
+    assert len(dataset.skipped) == 2
+    assert [path.rsplit("/", 1)[-1] for path in dataset.skipped.paths] == ["not_an_image.jpg", "truncated.jpg"]
+    assert "truncated.jpg" in caplog.text and "not_an_image.jpg" in caplog.text
+
+
+def test_flat_folder_is_unlabelled(tmp_path, photos):
+    for i, photo in enumerate(photos[:3]):
+        photo.resize((20, 20)).save(tmp_path / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path)
+    assert len(dataset) == 3 and dataset.labels == [-1, -1, -1] and dataset.classes == []
+
+
+def test_transform_gets_the_generator(folder_with_bad_files):
+    augmentation = DataAugmentationDINO(local_crops_number=1, global_crops_size=16, local_crops_size=8)
+    dataset = ImageFolderDataset(folder_with_bad_files, transform=augmentation)
+    first = dataset.load(2, generator=torch.Generator().manual_seed(1))
+    again = dataset.load(2, generator=torch.Generator().manual_seed(1))
+    assert first[1] == 1 and torch.equal(first[0]["global_crops"][1], again[0]["global_crops"][1])
+    assert dataset.load(4, generator=torch.Generator().manual_seed(1)) is None
+    with pytest.raises(IndexError, match="index 5 out of range for a dataset of 5 images"):
+        dataset[5]
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*missing"):
+        ImageFolderDataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderDataset(tmp_path / "empty")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderDataset(tmp_path / "texts")
+
+
+def write_manifest(destination, /, **columns) -> None:
+    pq.write_table(pa.table(columns), destination)
+
+
+def test_manifest_with_relative_absolute_and_missing_paths(tmp_path, folder_with_bad_files):
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(
+        manifest,
+        id=["a", "b", "c", "d"],
+        path=[
+            "images/cats/astronaut.jpg",  # relative to the manifest's folder
+            str(folder_with_bad_files / "dogs" / "chelsea.jpg"),
+            "images/dogs/truncated.jpg",
+            "images/gone.jpg",
+        ],
+        label=[3, None, 1, 2],
+    )
+    dataset = ManifestDataset(manifest)
+    assert len(dataset) == 4 and dataset.ids == ["a", "b", "c", "d"]
+    image, label = dataset[0]
+    assert image.size == (64, 48) and label == 3
+    assert dataset[1][1] == -1
+    assert dataset[2] is None and dataset[3] is None and len(dataset.skipped) == 2
+
+
+def test_manifest_root_and_string_labels(tmp_path, folder_with_bad_files):
+    manifest = tmp_path / "elsewhere" / "m.parquet"
+    manifest.parent.mkdir()
+    write_manifest(manifest, id=[1, 2, 3], path=["cats/coffee.png", "dogs/chelsea.jpg", "cats/astronaut.jpg"],
+                   label=["cat", "dog", "cat"])  # fmt: skip
+    dataset = ManifestDataset(manifest, root=folder_with_bad_files)
+    assert dataset.classes == ["cat", "dog"] and dataset.labels == [0, 1, 0]
+    assert isinstance(dataset[1][0], Image.Image)
+
+
+def test_manifest_without_labels_is_unlabelled(tmp_path, folder_with_bad_files):
+    manifest = tmp_path / "m.parquet"
+    write_manifest(manifest, id=[0], path=[str(folder_with_bad_files / "cats" / "coffee.png")], split=["train"])
+    assert ManifestDataset(manifest).labels == [-1]
+
+
+def test_manifest_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest not found: .*nope.parquet"):
+        ManifestDataset(tmp_path / "nope.parquet")
+    no_path = tmp_path / "no_path.parquet"
+    write_manifest(no_path, id=[1], file=["x.jpg"])
+    with pytest.raises(ValueError, match="lacks column\\(s\\) path \\(it has: id, file\\)"):
+        ManifestDataset(no_path)
+    empty = tmp_path / "empty.parquet"
+    write_manifest(empty, id=pa.array([], pa.int64()), path=pa.array([], pa.string()))
+    with pytest.raises(ValueError, match="lists no images"):
+        ManifestDataset(empty)
+    null_path = tmp_path / "null_path.parquet"
+    write_manifest(null_path, id=[1, 2], path=["a.jpg", None])
+    with pytest.raises(ValueError, match="empty values in column 'path'"):
+        ManifestDataset(null_path)
