@@ -164,7 +164,17 @@ class LinearDenseHead(nn.Module):
         self.conv = nn.Conv2d(dim, out_channels, kernel_size=1)
 
     def forward(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(self.conv(self.norm(tokens)), size=size, mode="bilinear", align_corners=False)
+        logits = self.conv(self.norm(tokens))
+        rows = _bilinear_matrix(logits.shape[-2], size[0], logits.device)
+        cols = _bilinear_matrix(logits.shape[-1], size[1], logits.device)
+        return torch.einsum("Hh,bchw,Ww->bcHW", rows, logits, cols)
+
+
+def _bilinear_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """(out, in) weights of a 1-D bilinear resize (align_corners=False). Upsampling as two matmuls
+    equals F.interpolate but has a deterministic backward pass, unlike its multi-threaded CPU kernel."""
+    identity = torch.eye(in_size, device=device)[None]
+    return F.interpolate(identity, size=out_size, mode="linear", align_corners=False)[0].T
 
 
 def _train_head(
@@ -177,7 +187,6 @@ def _train_head(
     batch_size: int,
     seed: int,
 ) -> nn.Module:
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=1e-4)
     total = epochs * -(-len(tokens) // batch_size)
@@ -202,6 +211,7 @@ def train_segmentation_head(
     tokens: torch.Tensor, label_maps: torch.Tensor, num_classes: int, *, epochs: int = 10,
     learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0,
 ) -> LinearDenseHead:  # fmt: skip
+    torch.manual_seed(seed)  # the head's initialisation
     head = LinearDenseHead(tokens.shape[1], num_classes)
     loss_fn = lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)  # noqa: E731
     return _train_head(head, tokens, label_maps, loss_fn, epochs, learning_rate, batch_size, seed)
@@ -216,6 +226,7 @@ def train_depth_head(
     tokens: torch.Tensor, depth_maps: torch.Tensor, *, epochs: int = 10, learning_rate: float = 1e-3,
     batch_size: int = 32, seed: int = 0,
 ) -> LinearDenseHead:  # fmt: skip
+    torch.manual_seed(seed)  # the head's initialisation
     return _train_head(
         LinearDenseHead(tokens.shape[1], 1), tokens, depth_maps, _log_depth_l1, epochs, learning_rate, batch_size, seed
     )
