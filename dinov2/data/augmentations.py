@@ -116,8 +116,15 @@ class DataAugmentationDINO:
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             if not 0 < scale[0] <= scale[1] <= 1:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {scale}")
-        if local_crops_number < 0 or global_crops_size <= 0 or local_crops_size <= 0:
-            raise ValueError("crop sizes must be positive and local_crops_number >= 0")
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        smallest = BLUR_KERNEL_SIZE // 2 + 1  # the blur pads by reflection, which needs more pixels than the pad
+        for name, size in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
+            if size < smallest:
+                raise ValueError(
+                    f"{name} must be at least {smallest} px for the {BLUR_KERNEL_SIZE}x{BLUR_KERNEL_SIZE} blur, "
+                    f"got {size}"
+                )
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number

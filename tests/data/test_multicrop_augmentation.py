@@ -152,3 +152,5 @@ def test_bad_options_are_named():
         DataAugmentationDINO(blur_probabilities="inverted")
     with pytest.raises(ValueError, match="global_crops_scale"):
         DataAugmentationDINO(global_crops_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="local_crops_size must be at least 5 px for the 9x9 blur, got 4"):
+        DataAugmentationDINO(local_crops_size=4)
