@@ -125,3 +125,16 @@ def test_manifest_errors_name_the_problem(tmp_path):
     write_manifest(null_path, id=[1, 2], path=["a.jpg", None])
     with pytest.raises(ValueError, match="empty values in column 'path'"):
         ManifestDataset(null_path)
+
+
+def test_class_is_the_first_level_folder_at_any_depth(tmp_path, photos):
+    (tmp_path / "b_class" / "deep" / "deeper").mkdir(parents=True)
+    (tmp_path / "a_class").mkdir()
+    photos[0].resize((16, 16)).save(tmp_path / "b_class" / "deep" / "deeper" / "x.jpg")
+    photos[1].resize((16, 16)).save(tmp_path / "a_class" / "y.png")
+    photos[2].resize((16, 16)).save(tmp_path / "loose.bmp")
+    dataset = ImageFolderDataset(tmp_path)
+    assert dataset.classes == ["a_class", "b_class"]
+    assert {p.name: label for p, label in zip(dataset.paths, dataset.labels, strict=True)} == {
+        "y.png": 0, "x.jpg": 1, "loose.bmp": -1,
+    }  # fmt: skip
