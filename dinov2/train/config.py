@@ -1,0 +1,196 @@
+"""The pretraining recipe: one validated default (configs/train/default.yaml) plus small YAML deltas.
+
+Key names follow the reference's ssl_default_config.yaml where it has them, so recipes port over;
+differences: ``train.batch_size`` is the GLOBAL batch (the sampler and the lr scaling use it, so a
+run resumes on any world size), ``train.iterations_per_epoch`` replaces OFFICIAL_EPOCH_LENGTH, and
+``deepspeed`` / ``checkpoint`` / ``data`` sections replace the FSDP settings.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dinov2.configuration import ConfigError, Section, merge, read_yaml, validate
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+DEFAULT_RECIPE = CONFIG_DIR / "default.yaml"
+
+Pair = tuple[float, float]
+
+
+class DinoSection(Section):
+    loss_weight: float = Field(1.0, ge=0)
+    head_n_prototypes: int = Field(65536, gt=0)
+    head_bottleneck_dim: int = Field(256, gt=0)
+    head_nlayers: int = Field(3, ge=1)
+    head_hidden_dim: int = Field(2048, gt=0)
+    koleo_loss_weight: float = Field(0.1, ge=0)
+
+
+class IbotSection(Section):
+    loss_weight: float = Field(1.0, ge=0)
+    mask_sample_probability: float = Field(0.5, ge=0, le=1)
+    mask_ratio_min_max: Pair = (0.1, 0.5)
+    separate_head: bool = False
+    head_n_prototypes: int = Field(65536, gt=0)
+    head_bottleneck_dim: int = Field(256, gt=0)
+    head_nlayers: int = Field(3, ge=1)
+    head_hidden_dim: int = Field(2048, gt=0)
+
+
+class TrainSection(Section):
+    batch_size: int = Field(1024, gt=0, description="global batch size over all ranks")
+    iterations_per_epoch: int = Field(1250, gt=0)
+    seed: int = 0
+    num_workers: int = Field(8, ge=0)
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+
+
+class StudentSection(Section):
+    arch: str = "vit_large"
+    patch_size: int = Field(16, gt=0)
+    img_size: int = Field(224, gt=0, description="size of the learned position-embedding grid")
+    drop_path_rate: float = Field(0.3, ge=0, lt=1)
+    drop_path_uniform: bool = True
+    layerscale: float | None = 1.0e-5
+    ffn_layer: Literal["mlp", "swiglu", "swiglufused"] = "mlp"
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    num_register_tokens: int = Field(0, ge=0)
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    # tiny architectures for CPU runs; only read when arch is "custom"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    pretrained_weights: str | None = None
+
+
+class TeacherSection(Section):
+    momentum_teacher: float = Field(0.992, ge=0, le=1)
+    final_momentum_teacher: float = Field(1.0, ge=0, le=1)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+
+
+class OptimSection(Section):
+    epochs: int = Field(100, gt=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    base_lr: float = Field(0.004, gt=0, description="learning rate for a global batch of 1024")
+    warmup_epochs: float = Field(10, ge=0)
+    min_lr: float = Field(1.0e-6, ge=0)
+    clip_grad: float = Field(3.0, ge=0)
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_1024", "none"] = "sqrt_wrt_1024"
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    layerwise_decay: float = Field(0.9, gt=0, le=1)
+    adamw_beta1: float = Field(0.9, ge=0, lt=1)
+    adamw_beta2: float = Field(0.999, ge=0, lt=1)
+
+
+class CropsSection(Section):
+    global_crops_scale: Pair = (0.32, 1.0)
+    local_crops_number: int = Field(8, ge=0)
+    local_crops_scale: Pair = (0.05, 0.32)
+    global_crops_size: int = Field(224, gt=0)
+    local_crops_size: int = Field(96, gt=0)
+    blur_probabilities: Literal["intended", "reference"] = "intended"
+
+
+class DeepSpeedSection(Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+
+class CheckpointSection(Section):
+    every_n_iterations: int = Field(1250, gt=0)
+    keep_last: int = Field(2, ge=1)
+    export_every_n_iterations: int = Field(12500, gt=0, description="teacher backbone + heads as safetensors")
+
+
+class EvaluationSection(Section):
+    knn_every_n_iterations: int = Field(0, ge=0, description="0: only at the end")
+    knn_dataset: str | None = Field(None, description="ImageFolder root with train/ and test/ for kNN")
+    knn_max_train_images: int = Field(10000, gt=0)
+    knn_max_test_images: int = Field(2000, gt=0)
+
+
+class Recipe(Section):
+    name: str = "default"
+    dino: DinoSection = Field(default_factory=DinoSection)
+    ibot: IbotSection = Field(default_factory=IbotSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    crops: CropsSection = Field(default_factory=CropsSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        student = self.student
+        for name in ("global_crops_size", "local_crops_size"):
+            size = getattr(self.crops, name)
+            if size % student.patch_size:
+                raise ValueError(f"crops.{name} {size} is not a multiple of student.patch_size {student.patch_size}")
+        if student.img_size % student.patch_size:
+            raise ValueError(
+                f"student.img_size {student.img_size} is not a multiple of patch_size {student.patch_size}"
+            )
+        if student.arch == "custom" and None in (student.embed_dim, student.depth, student.num_heads):
+            raise ValueError("student.arch 'custom' needs student.embed_dim, student.depth and student.num_heads")
+        low, high = self.ibot.mask_ratio_min_max
+        if not 0 <= low <= high <= 1:
+            raise ValueError(
+                f"ibot.mask_ratio_min_max {self.ibot.mask_ratio_min_max} must satisfy 0 <= min <= max <= 1"
+            )
+        return self
+
+    @property
+    def total_iterations(self) -> int:
+        return self.optim.epochs * self.train.iterations_per_epoch
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path, or the name of a file in configs/train/ (``vitg14`` -> configs/train/vitg14.yaml)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = CONFIG_DIR / f"{recipe}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(known)} (or give a .yaml path)")
+    return candidate
+
+
+def parse_override(text: str) -> dict:
+    """'optim.base_lr=1e-3' -> {'optim': {'base_lr': 0.001}} (value parsed as YAML)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Default <- recipe delta <- command-line overrides, validated as a whole."""
+    path = resolve_recipe_path(recipe)
+    data = read_yaml(DEFAULT_RECIPE)
+    if path.resolve() != DEFAULT_RECIPE.resolve():
+        data = merge(data, read_yaml(path))
+        data.setdefault("name", path.stem)
+        if data["name"] == "default":
+            data["name"] = path.stem
+    for override in overrides or []:
+        data = merge(data, parse_override(override))
+    return validate(Recipe, data, str(path) + (f" with overrides {overrides}" if overrides else ""))

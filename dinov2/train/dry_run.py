@@ -1,0 +1,133 @@
+"""What a recipe costs before it runs: parameters, FLOPs per image, memory per GPU per ZeRO stage.
+
+The model is built on the meta device (no memory), so ViT-g/14 is sized in a second on a laptop.
+FLOPs are analytic (2 per multiply-add) for one training step of one image: the student's forward
+and backward (x3) over 2 global + n local crops, the teacher's forward over the 2 global crops, and
+the heads. Memory assumes what the engine does: fp32 master weights, bf16 autocast, AdamW (two fp32
+moments), the teacher in fp32 (partitioned under ZeRO-3), and activations without recomputation,
+estimated at 34 bytes x tokens x width per block (flash attention: no tokens^2 term); the
+activation figure is an estimate, the rest is exact bookkeeping.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from dinov2.layers.mlp import swiglu_hidden_dim
+from dinov2.train.config import Recipe
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.train import deepspeed_config
+
+GPU_COUNTS = (1, 8, 16, 32, 64, 96, 128, 256)
+_ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34
+A100_BF16_PEAK = 312e12
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def backbone_forward_flops(recipe: Recipe, image_size: int) -> float:
+    student = recipe.student
+    width = student.embed_dim if student.arch == "custom" else _arch_width(student.arch)
+    depth = student.depth if student.arch == "custom" else _arch_depth(student.arch)
+    tokens = (image_size // student.patch_size) ** 2 + 1 + student.num_register_tokens
+    hidden = 4 * width
+    if student.ffn_layer in ("swiglu", "swiglufused"):
+        ffn_macs = tokens * width * 3 * swiglu_hidden_dim(hidden)
+    else:
+        ffn_macs = tokens * width * 2 * hidden
+    attention_macs = 4 * tokens * width * width + 2 * tokens * tokens * width
+    patch_macs = (tokens - 1) * 3 * student.patch_size**2 * width
+    return 2.0 * (depth * (attention_macs + ffn_macs) + patch_macs)
+
+
+def _arch_width(arch: str) -> int:
+    from dinov2.models import ARCHITECTURES
+
+    return ARCHITECTURES[arch].embed_dim
+
+
+def _arch_depth(arch: str) -> int:
+    from dinov2.models import ARCHITECTURES
+
+    return ARCHITECTURES[arch].depth
+
+
+def head_flops(head: torch.nn.Module) -> float:
+    return 2.0 * sum(p.numel() for name, p in head.named_parameters() if p.ndim == 2)
+
+
+@dataclass
+class Budget:
+    student_parameters: int
+    teacher_parameters: int
+    backbone_parameters: int
+    flops_per_image: float
+    activation_bytes_per_image: float
+
+    def memory_gib(self, zero_stage: int, gpus: int, images_per_gpu: int) -> float:
+        student, teacher = self.student_parameters, self.teacher_parameters
+        weights, gradients, moments = 4 * student, 4 * student, 8 * student
+        if zero_stage >= 1:
+            moments /= gpus
+        if zero_stage >= 2:
+            gradients /= gpus
+        if zero_stage >= 3:
+            weights /= gpus
+            teacher = teacher / gpus
+        total = weights + gradients + moments + 4 * teacher + self.activation_bytes_per_image * images_per_gpu
+        return total / 2**30
+
+
+def budget(recipe: Recipe) -> Budget:
+    with torch.device("meta"):
+        meta = SSLMetaArch(recipe)
+    crops = recipe.crops
+    width, depth = meta.student.backbone.embed_dim, meta.student.backbone.n_blocks
+    global_forward = backbone_forward_flops(recipe, crops.global_crops_size)
+    local_forward = backbone_forward_flops(recipe, crops.local_crops_size)
+    student_forward = 2 * global_forward + crops.local_crops_number * local_forward
+    n_cls = 2 + crops.local_crops_number
+    masked_patches = recipe.ibot.mask_sample_probability * sum(recipe.ibot.mask_ratio_min_max) / 2
+    masked_patches *= 2 * (crops.global_crops_size // recipe.student.patch_size) ** 2
+    ibot_head = meta.student["ibot_head"] if "ibot_head" in meta.student else meta.student["dino_head"]
+    student_heads = n_cls * head_flops(meta.student["dino_head"]) + masked_patches * head_flops(ibot_head)
+    teacher = 2 * global_forward + 2 * head_flops(meta.teacher["dino_head"]) + masked_patches * head_flops(ibot_head)
+    tokens = 2 * ((crops.global_crops_size // recipe.student.patch_size) ** 2 + 1)
+    tokens += crops.local_crops_number * ((crops.local_crops_size // recipe.student.patch_size) ** 2 + 1)
+    return Budget(
+        student_parameters=count(meta.student),
+        teacher_parameters=count(meta.teacher),
+        backbone_parameters=count(meta.student.backbone),
+        flops_per_image=3 * (student_forward + student_heads) + teacher,
+        activation_bytes_per_image=_ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * width * depth,
+    )
+
+
+def dry_run_report(recipe: Recipe, gpus: tuple[int, ...] = GPU_COUNTS, assumed_mfu: float = 0.4) -> dict:
+    result = budget(recipe)
+    total_flops = result.flops_per_image * recipe.train.batch_size * recipe.total_iterations
+    table = {}
+    for n_gpus in gpus:
+        if recipe.train.batch_size % n_gpus:
+            continue
+        images_per_gpu = recipe.train.batch_size // n_gpus
+        table[n_gpus] = {
+            "images_per_gpu": images_per_gpu,
+            **{f"zero{stage}_gib": round(result.memory_gib(stage, n_gpus, images_per_gpu), 1) for stage in range(4)},
+        }
+    return {
+        "recipe": recipe.name,
+        "student_parameters": result.student_parameters,
+        "backbone_parameters": result.backbone_parameters,
+        "teacher_parameters": result.teacher_parameters,
+        "training_gflops_per_image": round(result.flops_per_image / 1e9, 1),
+        "total_training_flops": f"{total_flops:.3e}",
+        "a100_hours_at_mfu": {
+            "mfu": assumed_mfu,
+            "hours": round(total_flops / (A100_BF16_PEAK * assumed_mfu) / 3600),
+        },
+        "memory_per_gpu": table,
+        "deepspeed_config": deepspeed_config(recipe, max(table) if table else 1),
+    }

@@ -1,0 +1,334 @@
+"""The pretraining loop: DINOv2 SSL with DeepSpeed ZeRO, from one CPU process to many GPUs.
+
+One entry point for every launcher (none, torchrun, deepspeed): ``pretrain(recipe, data, output)``.
+Each iteration: schedules -> teacher targets -> student loss -> backward -> (per-module clip) ->
+step -> teacher EMA. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints`` at the
+data position it was saved at: crops and masks are functions of (seed, position), and the
+per-iteration RNG (drop path) is reseeded from (seed, iteration, rank), so a resumed run on the same
+world size is bitwise identical on CPU to an uninterrupted one.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
+from dinov2.data.loaders import derived_seed, make_pretraining_loader
+from dinov2.data.masking import MaskingGenerator
+from dinov2.data.samplers import ResumableInfiniteSampler
+from dinov2.tracking import tracked_run
+from dinov2.train.config import Recipe
+from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed
+from dinov2.train.param_groups import apply_schedules, param_groups
+from dinov2.train.schedules import build_schedules
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.teacher import export_teacher, update_teacher
+
+logger = logging.getLogger(__name__)
+
+_ITERATION_RNG_STREAM = 2
+LOG_EVERY = 10  # iterations between log lines (the progress bar shows every one on a terminal)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the bad update was applied."""
+
+
+@dataclass
+class RunResult:
+    iteration: int
+    metrics: dict[str, float]
+    output_dir: Path
+
+
+def open_dataset(path: str | Path, transform) -> ImageFolderDataset | ManifestDataset:
+    """A folder of images (any layout) or a Parquet manifest written by the curation stages."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return ManifestDataset(path, transform=transform)
+    return ImageFolderDataset(path, transform=transform)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+    zero_stage = recipe.deepspeed.zero_stage
+    return {
+        "train_batch_size": recipe.train.batch_size,
+        "train_micro_batch_size_per_gpu": recipe.train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        # ZeRO-0 keeps full gradients on every rank, so the reference's per-module clipping is done by
+        # hand; ZeRO >= 1 partitions them and DeepSpeed clips the global norm instead.
+        "gradient_clipping": recipe.optim.clip_grad if zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def precision_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (fp32 master weights, as the reference's FSDP mixed precision), else fp32."""
+    precision = recipe.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def checkpoint_tags(folder: Path) -> list[str]:
+    """Complete checkpoints, oldest first (DeepSpeed writes ``latest`` only after a save completes)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+
+
+def latest_complete_tag(folder: Path) -> str | None:
+    latest = folder / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """Data-parallel size a ZeRO-1/2/3 checkpoint was partitioned for; None for ZeRO-0 (not partitioned)."""
+    partitions = list(checkpoint.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(partitions) or None
+
+
+def resume_source(checkpoints: Path, world_size: int, is_writer: bool) -> tuple[Path | None, str | None]:
+    """Where to resume from: the newest checkpoint as saved, or, when it was partitioned over another
+    number of ranks, its DeepSpeed universal form (converted once, by rank 0, beside it)."""
+    tag = latest_complete_tag(checkpoints)
+    if tag is None:
+        return None, None
+    saved = saved_world_size(checkpoints / tag)
+    if saved is None or saved == world_size:
+        return checkpoints, tag
+    universal = checkpoints / "universal"
+    if is_writer and not (universal / tag / "zero").is_dir():
+        convert_to_universal(checkpoints / tag, universal / tag)
+        (universal / "latest").write_text(tag)
+    barrier()
+    logger.info("checkpoint %s was saved on %d ranks; resuming on %d from its universal form", tag, saved, world_size)
+    return universal, tag
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal: optimizer state re-sliced per parameter, loadable on any world size."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial_target = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial_target, ignore_errors=True)
+    arguments = argparse.Namespace(
+        input_folder=str(source), output_folder=str(partial_target), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    ds_to_universal.main(arguments)
+    shutil.rmtree(target, ignore_errors=True)
+    partial_target.rename(target)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def teacher_knn(backbone: torch.nn.Module, root: Path, recipe: Recipe, device: torch.device) -> dict[str, float]:
+    """Weighted kNN (the evaluation suite's) of the teacher's CLS token on <root>/train vs <root>/test."""
+    from dinov2.data.transforms import make_eval_transform
+    from dinov2.eval.datasets import LabelledImageFolder
+    from dinov2.eval.features import extract_features
+    from dinov2.eval.knn import knn_classify
+
+    size = recipe.crops.global_crops_size
+    transform = make_eval_transform(resize_size=size, crop_size=size)
+
+    def subset(split: str, limit: int):
+        dataset = LabelledImageFolder(root / split, transform=transform)
+        stride = max(len(dataset) // limit, 1)
+        return torch.utils.data.Subset(dataset, list(range(0, len(dataset), stride))[:limit])
+
+    evaluation = recipe.evaluation
+    train_features, train_labels = extract_features(
+        backbone, subset("train", evaluation.knn_max_train_images), device=device
+    )
+    test_features, test_labels = extract_features(
+        backbone, subset("test", evaluation.knn_max_test_images), device=device
+    )
+    return knn_classify(train_features, train_labels, test_features, test_labels, ks=(10, 20))
+
+
+def pretrain(
+    recipe: Recipe,
+    data: str | Path,
+    output_dir: str | Path,
+    max_iterations: int | None = None,
+    knn_data: str | Path | None = None,
+) -> RunResult:
+    """Train (or resume) until the recipe's last iteration, or ``max_iterations`` for this call."""
+    import deepspeed
+
+    output_dir = Path(output_dir)
+    rank, world_size, device = init_distributed()
+    if recipe.train.batch_size % world_size:
+        raise ValueError(f"train.batch_size {recipe.train.batch_size} is not divisible by the world size {world_size}")
+    knn_root = Path(knn_data or recipe.evaluation.knn_dataset) if (knn_data or recipe.evaluation.knn_dataset) else None
+    if knn_root is not None and not (knn_root / "train").is_dir():
+        raise FileNotFoundError(f"kNN dataset {knn_root} needs train/ and test/ class folders")
+    crops = recipe.crops
+    augmentation = DataAugmentationDINO(
+        crops.global_crops_scale, crops.local_crops_scale, crops.local_crops_number,
+        crops.global_crops_size, crops.local_crops_size, blur_probabilities=crops.blur_probabilities,
+    )  # fmt: skip
+    dataset = open_dataset(data, augmentation)
+    grid = crops.global_crops_size // recipe.student.patch_size
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=recipe.ibot.mask_ratio_min_max,
+        mask_probability=recipe.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=grid, max_num_patches=0.5 * grid * grid),
+    )
+
+    torch.manual_seed(recipe.train.seed)
+    meta = SSLMetaArch(recipe)
+    groups = param_groups(
+        meta.student, meta.student.backbone.n_blocks, recipe.optim.layerwise_decay, recipe.optim.patch_embed_lr_mult
+    )
+    for group in groups:
+        group.pop("member_names")
+    optimizer = torch.optim.AdamW(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
+    meta.to(device)
+    checkpoints = output_dir / "checkpoints"
+    ds_config = deepspeed_config(recipe, world_size)
+    load_dir, tag = resume_source(checkpoints, world_size, is_writer=rank == 0)
+    if load_dir is not None and load_dir != checkpoints:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, optimizer, _, _ = deepspeed.initialize(model=meta, optimizer=optimizer, config=ds_config)
+    schedules = build_schedules(recipe)
+    sampler = ResumableInfiniteSampler(
+        len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=rank, world_size=world_size
+    )
+    start = 0
+    if tag is not None:
+        _, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        start = int(client_state["iteration"])
+        sampler.load_state_dict(client_state["sampler"])
+        logger.info("resumed from %s at iteration %d", load_dir / tag, start)
+    loader = make_pretraining_loader(
+        dataset, sampler, recipe.train.batch_size // world_size, collate, num_workers=recipe.train.num_workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+    total = recipe.total_iterations
+    stop = total if max_iterations is None else min(total, start + max_iterations)
+    autocast_dtype = precision_dtype(recipe, device)
+    is_writer = rank == 0
+    metrics: dict[str, float] = {}
+    if is_writer:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n")
+
+    with tracked_run("pretrain", recipe=recipe.name, config=recipe.model_dump(mode="json")) as tracker:
+        tracker.log_params({"run.world_size": world_size, "run.device": device.type, "run.data": str(data)})
+        if knn_root is not None and start == 0:
+            metrics.update(
+                {f"{k}_init": v for k, v in teacher_knn(meta.teacher.backbone, knn_root, recipe, device).items()}
+            )
+            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
+        meta.train()
+        progress = Progress(
+            TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not is_writer,
+        )  # fmt: skip
+        skipped_images = 0
+        with progress:
+            task = progress.add_task("pretrain", total=stop, completed=start, status="")
+            batches = iter(loader)
+            iteration = start
+            while iteration < stop:
+                tick = time.perf_counter()
+                values = schedules.at(iteration)
+                apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
+                batch = next(batches)
+                skipped_images += int(batch.pop("n_skipped", 0))
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                torch.manual_seed(derived_seed(recipe.train.seed, _ITERATION_RNG_STREAM, iteration, rank))
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    loss, parts = engine(batch, values["teacher_temp"])
+                if not all_ranks_agree(bool(torch.isfinite(loss)), device):
+                    last = latest_complete_tag(checkpoints)
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at iteration {iteration}: stopped before updating the weights; "
+                        f"last good checkpoint: {checkpoints / last if last else 'none'}"
+                    )
+                engine.backward(loss)
+                if recipe.deepspeed.zero_stage == 0 and recipe.optim.clip_grad > 0:
+                    for module in meta.student.values():
+                        torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.optim.clip_grad)
+                engine.step()
+                update_teacher(meta.student, meta.teacher, values["momentum"])
+                iteration += 1
+                seconds = time.perf_counter() - tick
+
+                step_metrics = {f"train/{name}": value.item() for name, value in parts.items()}
+                step_metrics.update({
+                    "train/total_loss": loss.item(), "train/lr": values["lr"], "train/wd": values["wd"],
+                    "train/momentum": values["momentum"], "train/teacher_temp": values["teacher_temp"],
+                    "train/images_per_second": recipe.train.batch_size / seconds,
+                    "train/peak_memory_gib": peak_memory_gib(device), "train/skipped_images": skipped_images,
+                })  # fmt: skip
+                tracker.log_metrics(step_metrics, step=iteration)
+                progress.update(task, completed=iteration, status=f"loss {loss.item():.3f}")
+                if is_writer and (iteration % LOG_EVERY == 0 or iteration == stop):
+                    logger.info(
+                        "iteration %d/%d  loss %.4f  lr %.2e  %.1f img/s  %.2f GiB",
+                        iteration, total, loss.item(), values["lr"], step_metrics["train/images_per_second"],
+                        step_metrics["train/peak_memory_gib"],
+                    )  # fmt: skip
+
+                if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == stop:
+                    save_checkpoint(engine, checkpoints, iteration, sampler, recipe.checkpoint.keep_last, is_writer)
+                if iteration % recipe.checkpoint.export_every_n_iterations == 0 or iteration == total:
+                    export_teacher(meta.teacher, output_dir / "exports" / f"iter_{iteration:07d}", is_writer,
+                                   {"recipe": recipe.name, "iteration": iteration})  # fmt: skip
+        metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()} if stop > start else {})
+        if iteration == total:
+            final = export_teacher(
+                meta.teacher, output_dir / "teacher", is_writer, {"recipe": recipe.name, "iteration": iteration}
+            )
+            if knn_root is not None:
+                knn = teacher_knn(meta.teacher.backbone, knn_root, recipe, device)
+                metrics.update(knn)
+                tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
+            if is_writer:
+                tracker.log_artifact(final, "teacher")
+        if is_writer:
+            metrics["iteration"] = iteration
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    barrier()
+    return RunResult(iteration, metrics, output_dir)
+
+
+def save_checkpoint(engine, folder: Path, iteration: int, sampler, keep_last: int, is_writer: bool) -> None:
+    """A DeepSpeed checkpoint with the data position; older ones beyond ``keep_last`` are removed."""
+    tag = f"iter_{iteration:07d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"iteration": iteration, "sampler": sampler.state_dict()})
+    barrier()
+    if is_writer:
+        for old in checkpoint_tags(folder)[:-keep_last]:
+            shutil.rmtree(folder / old, ignore_errors=True)
+        # a converted copy of the checkpoint this run resumed from is not needed once it has its own
+        shutil.rmtree(folder / "universal", ignore_errors=True)

@@ -1,0 +1,132 @@
+"""Recipes validate before any work; schedules and param groups follow the reference's rules."""
+
+import math
+
+import pytest
+import torch
+
+from dinov2.configuration import ConfigError
+from dinov2.train.config import load_recipe
+from dinov2.train.dry_run import budget, dry_run_report
+from dinov2.train.param_groups import apply_schedules, layer_id, param_groups
+from dinov2.train.schedules import CosineScheduler, build_schedules, scaled_lr
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+
+@pytest.mark.parametrize("name", ["default", "vits14", "vitb14", "vitl14", "vitg14", "cpu_tiny"])
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+
+
+def test_the_vitg14_recipe_has_the_paper_numbers():
+    recipe = load_recipe("vitg14")
+    assert (recipe.student.arch, recipe.student.patch_size, recipe.student.ffn_layer) == (
+        "vit_giant2",
+        14,
+        "swiglufused",
+    )
+    assert recipe.train.batch_size == 3072 and recipe.total_iterations == 625_000
+    assert recipe.train.centering == "sinkhorn_knopp" and recipe.ibot.separate_head
+    assert recipe.dino.head_n_prototypes == recipe.ibot.head_n_prototypes == 131072
+    assert recipe.dino.head_bottleneck_dim == 384 and recipe.student.drop_path_rate == 0.4
+    assert (recipe.optim.base_lr, recipe.optim.warmup_epochs, recipe.optim.weight_decay_end) == (2e-4, 80, 0.2)
+    assert (recipe.optim.layerwise_decay, recipe.teacher.momentum_teacher, recipe.crops.local_crops_size) == (
+        1.0,
+        0.994,
+        98,
+    )
+
+
+def test_unknown_and_inconsistent_keys_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'optim.base_lrr'"):
+        load_recipe("cpu_tiny", ["optim.base_lrr=0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("crops:\n  global_crops_size: 30\n")
+    with pytest.raises(ConfigError, match="global_crops_size 30 is not a multiple of student.patch_size 16"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="unknown recipe 'vitz14'"):
+        load_recipe("vitz14")
+    with pytest.raises(ConfigError, match="'train.centering': Input should be 'centering' or 'sinkhorn_knopp'"):
+        load_recipe("cpu_tiny", ["train.centering=sinkhorn"])
+
+
+def test_cosine_schedule_by_hand():
+    schedule = CosineScheduler(base_value=1.0, final_value=0.0, total_iters=6, warmup_iters=2, freeze_iters=1)
+    # frozen 1, warmup 2 (0, 0.5), cosine over 3: 1, 0.75, 0.25; then the final value
+    expected = [0.0, 0.0, 0.5, 1.0, 0.75, 0.25]
+    assert [round(schedule[i], 6) for i in range(6)] == expected
+    assert schedule[100] == 0.0
+
+
+def test_recipe_schedules_follow_the_default_numbers():
+    recipe = load_recipe("default")
+    schedules = build_schedules(recipe)
+    per_epoch = 1250
+    assert scaled_lr(recipe) == pytest.approx(4e-3)  # batch 1024: sqrt(1) scaling
+    assert schedules.lr[0] == 0.0 and schedules.lr[10 * per_epoch] == pytest.approx(4e-3)
+    assert schedules.lr[recipe.total_iterations - 1] == pytest.approx(1e-6, abs=1e-8)
+    assert schedules.last_layer_lr[per_epoch - 1] == 0.0 and schedules.last_layer_lr[per_epoch] > 0
+    assert schedules.teacher_temp[0] == pytest.approx(0.04) and schedules.teacher_temp[30 * per_epoch] == pytest.approx(
+        0.07
+    )
+    assert schedules.teacher_temp[15 * per_epoch] == pytest.approx(0.055)
+    assert schedules.momentum[0] == pytest.approx(0.992) and schedules.momentum[10**9] == 1.0
+    assert schedules.weight_decay[0] == pytest.approx(0.04)
+    assert schedules.weight_decay[recipe.total_iterations // 2] == pytest.approx(0.22, abs=1e-4)
+    assert scaled_lr(load_recipe("vitg14")) == pytest.approx(2e-4 * math.sqrt(3))
+
+
+def test_param_groups_apply_layer_decay_patch_embed_multiplier_and_no_decay_rules():
+    recipe = load_recipe("cpu_tiny", ["optim.layerwise_decay=0.5", "ibot.separate_head=true"])
+    meta = SSLMetaArch(recipe)
+    groups = param_groups(meta.student, 4, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
+    by_name = {name: group for group in groups for name in group["member_names"]}
+    assert len(by_name) == sum(1 for p in meta.student.parameters())
+    assert by_name["backbone.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.5**5 * 0.2)
+    assert by_name["backbone.cls_token"]["lr_multiplier"] == pytest.approx(0.5**5)
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(0.5**4)
+    assert by_name["backbone.blocks.3.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(0.5)
+    assert by_name["backbone.norm.weight"]["lr_multiplier"] == 1.0
+    assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    assert by_name["backbone.blocks.0.attn.qkv.bias"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.blocks.0.ls1.gamma"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.blocks.0.norm1.weight"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["wd_multiplier"] == 1.0
+    assert by_name["ibot_head.last_layer.weight_v"]["is_last_layer"]
+    assert not by_name["dino_head.mlp.0.weight"]["is_last_layer"]
+    assert layer_id("backbone.register_tokens", 4) == 0
+    apply_schedules(groups, lr=1.0, last_layer_lr=0.0, wd=0.1)
+    assert by_name["ibot_head.last_layer.weight_g"]["lr"] == 0.0
+    assert by_name["backbone.blocks.3.mlp.fc1.weight"]["lr"] == 0.5
+    assert by_name["backbone.blocks.3.mlp.fc1.weight"]["weight_decay"] == 0.1
+
+
+def test_student_and_teacher_start_equal_and_the_teacher_is_frozen():
+    meta = SSLMetaArch(load_recipe("cpu_tiny"))
+    for (name, student), teacher in zip(
+        meta.student.state_dict().items(), meta.teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(student, teacher), name
+    assert not any(p.requires_grad for p in meta.teacher.parameters())
+    assert meta.teacher.backbone.blocks[-1].drop_path_rate == 0.0
+    assert meta.student.backbone.blocks[-1].drop_path_rate == 0.1
+
+
+def test_dry_run_sizes_vitg14_on_the_meta_device():
+    recipe = load_recipe("vitg14")
+    result = budget(recipe)
+
+    def head(bottleneck: int) -> int:  # 1536 -> 2048 -> 2048 -> bottleneck -> 131072 prototypes (+ gains)
+        return 1536 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * bottleneck + bottleneck + bottleneck * 131072 + 131072
+
+    # ViT-g/14 at 224 (257 position embeddings), DINO head with a 384 bottleneck, iBOT head with 256
+    assert result.backbone_parameters == 1_136_480_768 - (1370 - 257) * 1536
+    assert result.student_parameters == result.backbone_parameters + head(384) + head(256)
+    assert result.teacher_parameters == result.student_parameters
+    report = dry_run_report(recipe)
+    assert 6000 < report["training_gflops_per_image"] < 9000  # ~6 x 1.1e9 params x 914 tokens
+    memory = report["memory_per_gpu"][256]
+    assert memory["images_per_gpu"] == 12
+    assert memory["zero3_gib"] < memory["zero2_gib"] < memory["zero1_gib"] < memory["zero0_gib"]
+    assert report["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 12
