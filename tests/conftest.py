@@ -112,7 +112,9 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     log = open(root / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # MLflow 3 also starts background job consumers (dozens of processes); the tests need none.
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_for_http(f"{uri}/health", process, timeout=90)
