@@ -1,0 +1,163 @@
+"""The curation stages as a user runs them: real files, real processes, a real MLflow server."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import COPY_EDITS, cifar_images
+from PIL import Image
+
+from dinov2.curation.embedders import build_embedder
+from dinov2.curation.embeddings import embed_manifest, load_embeddings
+from dinov2.curation.manifest import build_manifest, write_table_atomically
+from dinov2.hub import save_backbone
+
+
+def dinov2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinov2", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def copy_files(paths: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        (folder / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+
+
+def test_manifest_records_unreadable_files_and_collapses_exact_copies(tmp_path, photos):
+    folder = tmp_path / "images"
+    (folder / "cats").mkdir(parents=True)
+    photos[2].save(folder / "cats" / "chelsea.jpg", quality=90)
+    photos[0].save(folder / "astronaut.png")
+    (folder / "cats" / "chelsea_again.jpg").write_bytes((folder / "cats" / "chelsea.jpg").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    built = build_manifest(folder, "web", "pool", labels_from_folders=True)
+    assert built.counts() == {"files": 4, "images": 2, "unreadable": 1, "exact_duplicates": 1}
+    assert built.table.column("id").to_pylist() == ["web/astronaut.png", "web/cats/chelsea.jpg"]
+    assert built.table.column("label").to_pylist() == ["", "cats"]
+    assert built.table.column("width").to_pylist() == [512, 451]
+    assert built.unreadable.column("path").to_pylist() == [str(folder / "broken.jpg")]
+
+
+def test_embed_writes_unit_fp16_shards_and_resumes_finished_ones(tmp_path, photos, tiny_vit):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(5):
+        photos[index % 4].rotate(index * 7).save(folder / f"p{index}.png")
+    write_table_atomically(build_manifest(folder, "web", "pool").table, tmp_path / "manifest.parquet")
+    checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
+    embedder = build_embedder(str(checkpoint), crop_size=32, device="cpu")
+    first = embed_manifest(tmp_path / "manifest.parquet", tmp_path / "emb", embedder, batch_size=2, shard_size=2)
+    assert (first["shards"], first["shards_resumed"], first["embedded"]) == (3, 0, 5)
+    shard = np.load(tmp_path / "emb" / "shards" / "vectors-00002.npy", mmap_mode="r")
+    assert shard.dtype == np.float16 and shard.shape == (1, 64)
+    loaded = load_embeddings(tmp_path / "emb")
+    np.testing.assert_allclose(np.linalg.norm(loaded.vectors, axis=1), 1.0, atol=2e-3)
+    assert loaded.ids == [f"web/p{i}.png" for i in range(5)]
+    (tmp_path / "emb" / "shards" / "vectors-00001.npy").unlink()
+    again = embed_manifest(tmp_path / "manifest.parquet", tmp_path / "emb", embedder, batch_size=2, shard_size=2)
+    assert (again["shards_resumed"], again["embedded_now"]) == (2, 2)
+    np.testing.assert_allclose(load_embeddings(tmp_path / "emb").vectors, loaded.vectors, atol=1e-3)
+
+
+def test_bad_inputs_fail_with_a_clear_message_and_leave_no_output(tmp_path, photos):
+    (tmp_path / "empty").mkdir()
+    result = dinov2("prepare", "--images", "empty", "--source", "web", "--split", "pool", "--out", "m", cwd=tmp_path)
+    assert result.returncode == 2 and "no image files" in result.stdout and not (tmp_path / "m").exists()
+
+    (tmp_path / "imgs").mkdir()
+    for index in range(3):
+        photos[index].save(tmp_path / "imgs" / f"{index}.png")
+    assert (
+        dinov2(
+            "prepare", "--images", "imgs", "--source", "web", "--split", "pool", "--out", "m", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    (tmp_path / "imgs" / "1.png").unlink()
+    result = dinov2("embed", "--manifest", "m/manifest.parquet", "--out", "e", cwd=tmp_path)
+    assert result.returncode == 2 and "1 image file(s) listed but missing" in result.stdout and "1.png" in result.stdout
+    assert not (tmp_path / "e").exists()
+
+    photos[1].save(tmp_path / "imgs" / "1.png")
+    assert dinov2("embed", "--manifest", "m/manifest.parquet", "--out", "e", cwd=tmp_path).returncode == 0
+    other = tmp_path / "other"
+    write_table_atomically(pq.read_table(tmp_path / "m" / "manifest.parquet"), tmp_path / "other.parquet")
+    embedder = build_embedder("dinov2_vits14", crop_size=14, device="cpu")
+    embed_manifest(tmp_path / "other.parquet", other, embedder, batch_size=4)
+    result = dinov2("dedup", "--pool", "e", "--eval", "other", "--out", "d", cwd=tmp_path)
+    assert result.returncode == 2 and "384-d embeddings" in result.stdout and "expected 608-d" in result.stdout
+    assert not (tmp_path / "d").exists()
+
+    (tmp_path / "params.yaml").write_text("dedup:\n  self_threshold: 1.2\n")
+    result = dinov2("dedup", "--pool", "e", "--out", "d", cwd=tmp_path)
+    assert result.returncode == 2 and "self_threshold" in result.stdout and "[0, 1], got 1.2" in result.stdout
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, cifar10_root, mnist_digits, mlflow_uri):
+    """Seed: 200 CIFAR-10 train photos. Pool: 400 other train photos, 4 copies of each of 20 of them,
+    300 MNIST digits, copies of 10 test images. Eval: 50 CIFAR-10 test images."""
+    train = cifar_images(cifar10_root, "train", 600, seed=1)
+    test = cifar_images(cifar10_root, "test", 50, seed=2)
+    copy_files(train[:200], tmp_path / "seed")
+    pool = tmp_path / "pool"
+    copy_files(train[200:], pool / "photos")
+    (pool / "copies").mkdir()
+    for index, path in enumerate(train[200:220] + test[:10]):
+        original = Image.open(path).convert("RGB")
+        for name, edit in COPY_EDITS.items():
+            edit(original).save(pool / "copies" / f"{index}_{name}.png")
+    (pool / "digits").mkdir()
+    for index, digit in enumerate(mnist_digits[:300]):
+        Image.fromarray(digit).convert("RGB").resize((32, 32)).save(pool / "digits" / f"{index}.png")
+    copy_files(test, tmp_path / "eval")
+    (tmp_path / "params.yaml").write_text(
+        "retrieve:\n  n_clusters: 20\n"
+        "  datasets:\n    cifar_seed: {mode: cluster, min_seed_images: 3, images_per_cluster: 50}\n"
+    )
+    for name, split, folder in [
+        ("web", "pool", pool),
+        ("cifar_seed", "seed", tmp_path / "seed"),
+        ("cifar_test", "eval", tmp_path / "eval"),
+    ]:
+        result = dinov2(
+            "prepare", "--images", str(folder), "--source", name, "--split", split, "--out", f"m/{name}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        result = dinov2("embed", "--manifest", f"m/{name}/manifest.parquet", "--out", f"e/{name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    result = dinov2("dedup", "--pool", "e/web", "--eval", "e/cifar_test", "--out", "d", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dedup = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert dedup["dedup/pool_images"] == 400 + 120 + 300
+    kept = pq.read_table(tmp_path / "d" / "kept.parquet").column("id").to_pylist()
+    survivors = []
+    for index, path in enumerate(train[200:220]):
+        group = {f"web/photos/{path.parent.name}_{path.name}"} | {f"web/copies/{index}_{n}.png" for n in COPY_EDITS}
+        survivors.append(len(group & set(kept)))
+    # The original and its 4 copies form one component, one image survives; at 0.988 recall a crop may escape.
+    assert min(survivors) == 1 and sum(survivors) <= 21, survivors
+    for index in range(20, 30):  # copies of evaluation images: all gone
+        assert not {f"web/copies/{index}_{n}.png" for n in COPY_EDITS} & set(kept)
+    assert (tmp_path / "d" / "plots" / "duplicate_groups.png").is_file()
+
+    result = dinov2(
+        "retrieve", "--pool", "e/web", "--kept", "d/kept.parquet", "--seed", "e/cifar_seed", "--out", "r", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    curated = pq.read_table(tmp_path / "r" / "curated.parquet").column("id").to_pylist()
+    pool_fraction = 300 / dedup["dedup/pool_images"]
+    curated_fraction = sum("/digits/" in image_id for image_id in curated) / len(curated)
+    kept_digits = sum("/digits/" in image_id for image_id in kept)
+    print(f"digits: {pool_fraction:.3f} of the pool, {kept_digits} kept by dedup, {curated_fraction:.3f} curated")
+    assert pool_fraction > 0.3 and curated_fraction < 0.05
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["dinov2/retrieve"], output_format="list")
+    assert runs[0].data.metrics["retrieve/curated"] == len(curated)
