@@ -18,21 +18,23 @@ def register(app: typer.Typer) -> None:
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for teacher kNN."),
         dry_run: bool = typer.Option(False, help="Size the recipe (params, FLOPs, memory per GPU) without training."),
-        local_rank: int | None = typer.Option(None, "--local_rank", hidden=True, help="Set by the deepspeed launcher."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
         from dinov2.train.config import load_recipe
+        from dinov2.train.train import NonFiniteLossError
         from dinov2.train.train import pretrain as run_pretrain
 
-        if local_rank is not None:
-            os.environ.setdefault("LOCAL_RANK", str(local_rank))
         resolved = load_recipe(recipe, override)
         if dry_run:
             print_dry_run(resolved)
             return
         if data is None:
             raise typer.BadParameter("--data is required to train", param_hint="--data")
-        result = run_pretrain(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data)
+        try:
+            result = run_pretrain(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data)
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            _exit_cleanly(code=3)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
         _exit_cleanly()
@@ -59,14 +61,15 @@ def print_dry_run(recipe) -> None:
     console.print_json(json.dumps(report["deepspeed_config"]))
 
 
-def _exit_cleanly() -> None:
+def _exit_cleanly(code: int = 0) -> None:
     """Tear the process group down and leave without running interpreter finalisers: with gloo, ~8%
     of 2-rank runs otherwise abort in a destructor after training finished (measured here)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if code == 0:
+            dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
