@@ -60,3 +60,45 @@ def export_teacher(teacher: nn.ModuleDict, folder: Path, is_writer: bool, metada
             }
             write_atomically(folder / "heads.safetensors", lambda tmp: save_file(heads, str(tmp), metadata=header))
     return folder
+
+
+def _ema_state_tensors(meta: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that is not trained by the optimizer: teacher weights and the loss centers."""
+    state = {f"teacher.{key}": value for key, value in meta.teacher.state_dict().items()}
+    for name in ("dino_loss", "ibot_patch_loss"):
+        state.update({f"{name}.{key}": value for key, value in getattr(meta, name).state_dict().items()})
+    return state
+
+
+def save_ema_state(meta: nn.Module, path: Path, is_writer: bool) -> None:
+    """Teacher + centers as one world-size-independent safetensors file (collective under ZeRO-3).
+
+    DeepSpeed's universal checkpoints carry only what the optimizer trains, so a run resumed on
+    another number of ranks takes the teacher and the centers from here.
+    """
+    from safetensors.torch import save_file
+
+    with gathered(meta.teacher):
+        if is_writer:
+            tensors = {key: value.detach().cpu().contiguous() for key, value in _ema_state_tensors(meta).items()}
+            write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_ema_state(meta: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    parameters = list(meta.teacher.parameters())
+    zero3 = any(hasattr(p, "ds_tensor") for p in parameters)
+    if zero3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
+    else:
+        context = nullcontext()
+    with context, torch.no_grad():
+        current = _ema_state_tensors(meta)
+        if current.keys() != saved.keys():
+            raise RuntimeError(f"{path} does not hold this model's teacher state")
+        for key, value in current.items():
+            value.copy_(saved[key].to(value.device, value.dtype))

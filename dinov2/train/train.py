@@ -32,11 +32,12 @@ from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed
 from dinov2.train.param_groups import apply_schedules, param_groups
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.teacher import export_teacher, update_teacher
+from dinov2.train.teacher import export_teacher, load_ema_state, save_ema_state, update_teacher
 
 logger = logging.getLogger(__name__)
 
 _ITERATION_RNG_STREAM = 2
+EMA_STATE_FILE = "teacher_and_centers.safetensors"
 LOG_EVERY = 10  # iterations between log lines (the progress bar shows every one on a terminal)
 
 
@@ -222,6 +223,8 @@ def pretrain(
     start = 0
     if tag is not None:
         _, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        if load_dir != checkpoints:
+            load_ema_state(meta, checkpoints / tag / EMA_STATE_FILE)
         start = int(client_state["iteration"])
         sampler.load_state_dict(client_state["sampler"])
         logger.info("resumed from %s at iteration %d", load_dir / tag, start)
@@ -323,8 +326,11 @@ def pretrain(
 
 
 def save_checkpoint(engine, folder: Path, iteration: int, sampler, keep_last: int, is_writer: bool) -> None:
-    """A DeepSpeed checkpoint with the data position; older ones beyond ``keep_last`` are removed."""
+    """A DeepSpeed checkpoint with the data position and the teacher/center state; older ones beyond
+    ``keep_last`` are removed. DeepSpeed moves ``latest`` to a tag only after writing it, so the
+    teacher file is written first and a killed save never looks complete."""
     tag = f"iter_{iteration:07d}"
+    save_ema_state(engine.module, folder / tag / EMA_STATE_FILE, is_writer)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"iteration": iteration, "sampler": sampler.state_dict()})
     barrier()
     if is_writer:

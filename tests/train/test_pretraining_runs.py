@@ -25,6 +25,8 @@ SHORT_RUN = [
     "--set", "checkpoint.every_n_iterations=2", "--set", "checkpoint.export_every_n_iterations=2",
     "--set", "train.batch_size=16",
 ]  # fmt: skip
+# a teacher that follows the student closely, so a few iterations move it well above rounding noise
+FOLLOWING_TEACHER = ["--set", "teacher.momentum_teacher=0.5", "--set", "optim.base_lr=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +109,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(cifar_slice, run_env, tmp_path):
     # no clipping: ZeRO >= 1 clips the global norm where ZeRO-0 clips per module
     common = [*SHORT_RUN, "--data", str(cifar_slice / "train"), "--set", "optim.clip_grad=0"]
-    # a teacher that follows the student closely, so 6 iterations move it well above rounding noise
-    common += ["--set", "teacher.momentum_teacher=0.5", "--set", "optim.base_lr=0.05"]
+    common += FOLLOWING_TEACHER
     teachers = {}
     for stage, launcher in ((0, "torchrun"), (2, "torchrun"), (3, "deepspeed")):
         output = tmp_path / f"zero{stage}"
@@ -157,7 +158,12 @@ def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(cifar_slice, r
 
 
 def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(cifar_slice, run_env, tmp_path):
-    arguments = [*SHORT_RUN, "--data", str(cifar_slice / "train"), "--set", "deepspeed.zero_stage=2"]
+    arguments = [*SHORT_RUN, *FOLLOWING_TEACHER, "--data", str(cifar_slice / "train")]
+    # Off: the parts that depend on how the batch is split over ranks (KoLeo's neighbours are looked
+    # for within a rank, masks are drawn per rank batch, drop path per rank). The rest of the step is
+    # the same computation on 1 or 2 ranks, so the resumed run must track the uninterrupted one.
+    arguments += ["--set", "deepspeed.zero_stage=2", "--set", "dino.koleo_loss_weight=0"]
+    arguments += ["--set", "ibot.loss_weight=0", "--set", "student.drop_path_rate=0"]
     run(pretrain_command("torchrun", *arguments, "--output", str(tmp_path / "straight")), run_env)
     moved = tmp_path / "moved"
     run(pretrain_command("torchrun", *arguments, "--output", str(moved), "--max-iterations", "4"), run_env)
@@ -169,10 +175,13 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(cifar_slice, run_env, t
     assert not (moved / "checkpoints" / "universal").exists()  # removed once the run has its own checkpoint
     straight = teacher_weights(tmp_path / "straight" / "teacher")
     at_4 = teacher_weights(tmp_path / "teacher_at_4")
-    # Resumed weights continue the 2-rank run: 1 rank draws its masks over the whole batch, so the
-    # last 2 iterations differ slightly, far less than what those 2 iterations moved the teacher.
-    drift = max_difference(teacher_weights(moved / "teacher"), straight)
-    assert drift < 0.1 * max_difference(straight, at_4)
+    drift = l2_distance(teacher_weights(moved / "teacher"), straight)
+    print(
+        f"resumed on 1 rank vs 2 ranks: {drift:.3e}; iterations 5-6 moved the teacher {l2_distance(straight, at_4):.3e}"
+    )
+    # measured: 1e-7 against 0.5 (fp32 reduction order); without the teacher/center state the
+    # universal checkpoint does not carry, the drift was larger than the movement itself
+    assert drift < 1e-4 * l2_distance(straight, at_4)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_slice, run_env, tmp_path):
