@@ -15,6 +15,8 @@ $(INSTALLED): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# DeepSpeed compiles its CPU shared-memory collective on first use (~20 s, g++ + ninja): do it once here
+	$(PYTHON) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 install: $(INSTALLED)

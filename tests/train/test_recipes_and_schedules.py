@@ -130,3 +130,30 @@ def test_dry_run_sizes_vitg14_on_the_meta_device():
     assert memory["images_per_gpu"] == 12
     assert memory["zero3_gib"] < memory["zero2_gib"] < memory["zero1_gib"] < memory["zero0_gib"]
     assert report["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 12
+
+
+def test_the_step_benchmark_runs_on_a_tiny_configuration():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain" / "bench_step.py"
+    command = [
+        sys.executable,
+        str(script),
+        "--recipe",
+        "cpu_tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["recipe"] == "cpu_tiny" and figures["batch_size"] == 4
+    assert figures["images_per_second"] > 0 and figures["achieved_tflops"] > 0
+    assert figures["mfu"] is None  # no peak is known for a CPU

@@ -1,0 +1,141 @@
+"""Throughput of one full DINOv2 training step: img/s, MFU and peak memory for a recipe and batch.
+
+A step is what the engine does per iteration: teacher forward on the 2 global crops, student forward
+and backward on all crops (iBOT masks from the real collate), DeepSpeed optimizer step, teacher EMA.
+Inputs are random tensors of the recipe's crop sizes, so data loading is not measured. FLOPs are the
+dry run's analytic count; MFU = FLOPs/s / the device's dense bf16 peak (give --peak-tflops for
+others). On CPU it reports achieved GFLOP/s and no MFU.
+
+    python benchmarks/pretrain/bench_step.py --recipe vitl14 --batch-size 32
+    python benchmarks/pretrain/bench_step.py --recipe vitg14 --batch-size 12
+    python benchmarks/pretrain/bench_step.py --recipe cpu_tiny --batch-size 32 --steps 10
+"""
+
+import argparse
+import json
+import os
+import time
+from functools import partial
+
+import torch
+
+from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.masking import MaskingGenerator
+from dinov2.train.config import load_recipe
+from dinov2.train.distributed import init_distributed
+from dinov2.train.dry_run import budget
+from dinov2.train.param_groups import apply_schedules, param_groups
+from dinov2.train.schedules import build_schedules
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.teacher import update_teacher
+from dinov2.train.train import deepspeed_config, peak_memory_gib, precision_dtype
+
+# dense bf16 peaks, TFLOP/s
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_peak(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def synthetic_batch(recipe, batch_size: int) -> dict:
+    crops = recipe.crops
+    generator = torch.Generator().manual_seed(0)
+    samples = [
+        (
+            {
+                "global_crops": [torch.randn(3, crops.global_crops_size, crops.global_crops_size, generator=generator)]
+                * 2,
+                "local_crops": [torch.randn(3, crops.local_crops_size, crops.local_crops_size, generator=generator)]
+                * crops.local_crops_number,
+            },
+            0,
+        )
+        for _ in range(batch_size)
+    ]
+    grid = crops.global_crops_size // recipe.student.patch_size
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=recipe.ibot.mask_ratio_min_max,
+        mask_probability=recipe.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=grid, max_num_patches=0.5 * grid * grid),
+    )
+    return collate(samples, generator=generator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="cpu_tiny")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (one device)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--zero-stage", type=int, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+
+    import deepspeed
+
+    overrides = [f"train.batch_size={args.batch_size}"]
+    if args.zero_stage is not None:
+        overrides.append(f"deepspeed.zero_stage={args.zero_stage}")
+    recipe = load_recipe(args.recipe, overrides)
+    _, world_size, device = init_distributed()
+    torch.manual_seed(0)
+    meta = SSLMetaArch(recipe)
+    groups = param_groups(meta.student, meta.student.backbone.n_blocks, recipe.optim.layerwise_decay, 0.2)
+    for group in groups:
+        group.pop("member_names")
+    optimizer = torch.optim.AdamW(groups)
+    meta.to(device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=meta, optimizer=optimizer, config=deepspeed_config(recipe, 1))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(recipe, args.batch_size).items()}
+    values = build_schedules(recipe).at(recipe.train.iterations_per_epoch * 20)  # past warmup and freeze
+    dtype = precision_dtype(recipe, device)
+    meta.train()
+
+    def step() -> None:
+        apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = engine(batch, values["teacher_temp"])
+        engine.backward(loss)
+        engine.step()
+        update_teacher(meta.student, meta.teacher, values["momentum"])
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    images_per_second = args.batch_size * args.steps / seconds
+    flops = budget(recipe).flops_per_image * images_per_second
+    peak = device_peak(device, args.peak_tflops)
+    result = {
+        "recipe": recipe.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "precision": "bf16 autocast" if dtype else "fp32",
+        "zero_stage": recipe.deepspeed.zero_stage,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "images_per_second": round(images_per_second, 2),
+        "achieved_tflops": round(flops / 1e12, 3),
+        "mfu": round(flops / peak, 3) if peak else None,
+        "peak_memory_gib": round(peak_memory_gib(device), 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
