@@ -15,12 +15,9 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 
 import torch
 
-from dinov2.data.collate import collate_data_and_cast
-from dinov2.data.masking import MaskingGenerator
 from dinov2.train.config import load_recipe
 from dinov2.train.distributed import init_distributed
 from dinov2.train.dry_run import budget
@@ -28,7 +25,7 @@ from dinov2.train.param_groups import apply_schedules, param_groups
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import update_teacher
-from dinov2.train.train import deepspeed_config, peak_memory_gib, precision_dtype
+from dinov2.train.train import deepspeed_config, make_collate, peak_memory_gib, precision_dtype
 
 # dense bf16 peaks, TFLOP/s
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -58,15 +55,7 @@ def synthetic_batch(recipe, batch_size: int) -> dict:
         )
         for _ in range(batch_size)
     ]
-    grid = crops.global_crops_size // recipe.student.patch_size
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=recipe.ibot.mask_ratio_min_max,
-        mask_probability=recipe.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=grid, max_num_patches=0.5 * grid * grid),
-    )
-    return collate(samples, generator=generator)
+    return make_collate(recipe)(samples, generator=generator)
 
 
 def main() -> None:

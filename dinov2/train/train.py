@@ -26,6 +26,7 @@ from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
 from dinov2.data.loaders import derived_seed, make_pretraining_loader
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import ResumableInfiniteSampler
+from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import tracked_run
 from dinov2.train.config import Recipe
 from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed
@@ -58,6 +59,18 @@ def open_dataset(path: str | Path, transform) -> ImageFolderDataset | ManifestDa
     if path.suffix == ".parquet":
         return ManifestDataset(path, transform=transform)
     return ImageFolderDataset(path, transform=transform)
+
+
+def make_collate(recipe: Recipe) -> partial:
+    """Batches of crops with iBOT block masks over half of the global-crop patch grid at most."""
+    grid = recipe.crops.global_crops_size // recipe.student.patch_size
+    return partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=recipe.ibot.mask_ratio_min_max,
+        mask_probability=recipe.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=grid, max_num_patches=0.5 * grid * grid),
+    )
 
 
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
@@ -192,14 +205,7 @@ def pretrain(
         crops.global_crops_size, crops.local_crops_size, blur_probabilities=crops.blur_probabilities,
     )  # fmt: skip
     dataset = open_dataset(data, augmentation)
-    grid = crops.global_crops_size // recipe.student.patch_size
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=recipe.ibot.mask_ratio_min_max,
-        mask_probability=recipe.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=grid, max_num_patches=0.5 * grid * grid),
-    )
+    collate = make_collate(recipe)
 
     torch.manual_seed(recipe.train.seed)
     meta = SSLMetaArch(recipe)
@@ -264,7 +270,9 @@ def pretrain(
                 values = schedules.at(iteration)
                 apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
                 batch = next(batches)
-                skipped_images += int(batch.pop("n_skipped", 0))
+                # unreadable images dropped from this step's batches, summed over ranks
+                skipped = torch.tensor([float(batch.pop("n_skipped", 0))], device=device)
+                skipped_images += int(all_reduce_sum(skipped).item())
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 torch.manual_seed(derived_seed(recipe.train.seed, _ITERATION_RNG_STREAM, iteration, rank))
                 with torch.autocast(
