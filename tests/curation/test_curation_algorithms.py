@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from conftest import cropped
+from PIL import Image, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
@@ -10,7 +12,9 @@ from dinov2.curation.dedup import relative_dedup, self_dedup
 from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
 from dinov2.curation.index import VectorIndex, plan_index
 from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans, split_evenly
+from dinov2.curation.params import EmbedParams
 from dinov2.curation.retrieval import cluster_based, sample_based
+from dinov2.curation.views import expand, parse_views
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -91,7 +95,8 @@ def test_evaluation_embeddings_of_another_dimension_are_refused():
 def test_index_parameters_follow_the_pool_size():
     assert plan_index(10_000, 768).kind == "flat"
     large = plan_index(10_000_000, 768)
-    assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 12649, 192, 790)
+    # nlist = 2 sqrt(n) balances coarse assignment against the code scan at nprobe = 16 (index.py).
+    assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 6324, 192, 16)
     assert plan_index(1000, 64, kind="ivfpq").nlist == 25  # at least 39 training points per list
 
 
@@ -149,11 +154,11 @@ def test_balanced_sampling_gives_near_uniform_cluster_shares():
     assert random_shares[0] > 0.6
 
 
-def test_copy_descriptor_finds_planted_copies_of_real_images(planted_copies):
+def test_copy_descriptor_finds_planted_copies_of_real_images(planted_copies, planted_descriptors):
     """Acceptance: planted re-encoded, resized, cropped and flipped copies of 300 of 3,000 real CIFAR-10
     test images; pairwise precision and recall of the copy components at the default threshold."""
-    images, groups = planted_copies
-    vectors = np.stack([copy_descriptor(image) for image in images])
+    _, groups = planted_copies
+    vectors = planted_descriptors
     assert vectors.shape == (4200, COPY_DESCRIPTOR_DIM)
     result = self_dedup(vectors, k=64, threshold=COPY_DESCRIPTOR_THRESHOLDS["self"])
     same_component = result.labels[:, None] == result.labels[None, :]
@@ -171,15 +176,41 @@ def test_copy_descriptor_finds_planted_copies_of_real_images(planted_copies):
         assert found > 0.9, (edit, found)
 
 
-def test_relative_dedup_removes_the_planted_copies_of_eval_images(planted_copies):
-    """Eval set: the 300 originals that have copies; pool: the 2,700 other images plus the 1,200 copies.
-    Every re-encoded, resized and flipped copy is removed; 3 of the 300 cropped ones escape at 0.75 (a
-    lower threshold catches them but chains through most of the pool: see the curation README)."""
+def eval_views_of(originals: list[Image.Image], names: list[str]) -> np.ndarray:
+    views = parse_views(names)
+    return np.stack([copy_descriptor(view) for image in originals for view in expand(image, views)])
+
+
+def test_relative_dedup_with_eval_views_removes_every_planted_copy(planted_copies, planted_descriptors):
+    """Acceptance. Eval set: the 300 originals that have copies; pool: the 2,700 other images and the 1,200
+    planted copies. With the eval images alone 3 of the 300 cropped copies escape at 0.75; with the default
+    eval views (centred 90% and 80% crops) every copy is removed, and the views remove only a handful more
+    unrelated images (no chaining through the pool). The same holds, one set at a time, for crops the views
+    do not contain: centred 95%, 85% and 75% crops and mirrored 80% crops."""
     images, _ = planted_copies
-    vectors = np.stack([copy_descriptor(image) for image in images])
-    clean = relative_dedup(vectors[300:], [vectors[:300]], k=64, threshold=COPY_DESCRIPTOR_THRESHOLDS["relative"])
-    copies = clean[2700:].reshape(300, 4)
-    print(f"relative dedup: {copies.sum()} of 1200 copies escape, {clean[:2700].mean():.3f} of other images kept")
-    assert not copies[:, [0, 1, 3]].any()
-    assert copies[:, 2].sum() <= 3
-    assert clean[:2700].mean() > 0.9
+    originals, evaluation, pool = images[:300], planted_descriptors[:300], planted_descriptors[300:]
+    threshold = COPY_DESCRIPTOR_THRESHOLDS["relative"]
+    views = eval_views_of(originals, EmbedParams().eval_views)
+    assert views.shape == (600, COPY_DESCRIPTOR_DIM)
+    with_views = np.concatenate([evaluation, views])
+    alone = relative_dedup(pool, [evaluation], k=64, threshold=threshold)
+    clean = relative_dedup(pool, [with_views], k=64, threshold=threshold)
+    for name, result in (("eval images alone", alone), ("with eval views", clean)):
+        escaping = result[2700:].reshape(300, 4).sum(0).tolist()
+        print(f"{name}: copies escaping per edit {escaping}, unrelated removed {(~result[:2700]).sum()} of 2700")
+    assert alone[2700:].reshape(300, 4)[:, 2].sum() == 3  # the cropped copies that escape without views
+    assert not clean[2700:].any()
+    false_removals = int((~clean[:2700]).sum())
+    assert false_removals / 2700 < 0.1
+    assert false_removals - int((~alone[:2700]).sum()) <= 27  # the views cost at most 1% of the pool
+
+    unseen = {f"centre crop {f}": (lambda image, f=f: cropped(image, f)) for f in (0.95, 0.85, 0.75)}
+    unseen["mirrored centre crop 0.8"] = lambda image: ImageOps.mirror(cropped(image, 0.8))
+    for name, edit in unseen.items():
+        crops = np.stack([copy_descriptor(edit(image)) for image in originals])
+        escaping = [
+            int(relative_dedup(np.concatenate([pool, crops]), [queries], k=64, threshold=threshold)[3900:].sum())
+            for queries in (evaluation, with_views)
+        ]
+        print(f"{name}: {escaping[0]} of 300 escape with the eval images alone, {escaping[1]} with the views")
+        assert escaping[1] == 0, name
