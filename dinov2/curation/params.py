@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from dinov2.configuration import Section
+from dinov2.curation.views import parse_views
 
 
 class PrepareParams(Section):
@@ -18,6 +19,19 @@ class EmbedParams(Section):
     batch_size: int = Field(64, ge=1)
     shard_size: int = Field(10_000, ge=1)
     device: str | None = Field(None, description="cpu, cuda, cuda:1; the GPU when there is one if unset.")
+    # Query-side augmentation of copy detection (views.py): each image of an EVALUATION manifest is also
+    # embedded as these crops, and relative dedup removes pool images near any of them, so cropped
+    # copies of eval images are caught without lowering the threshold. Pool and seed sets get no views.
+    eval_views: list[str] = Field(
+        default_factory=lambda: ["centre_crop:0.9", "centre_crop:0.8"],
+        description="centre_crop:F, corner_crops:F (four views), mirror; [] for the paper's single view.",
+    )
+
+    @field_validator("eval_views")
+    @classmethod
+    def _views_parse(cls, value: list[str]) -> list[str]:
+        parse_views(value)
+        return value
 
 
 def _cosine(value: float | None) -> float | None:
@@ -33,6 +47,7 @@ class DedupParams(Section):
     self_threshold: float | None = None
     relative_threshold: float | None = None
     index: Literal["auto", "flat", "ivfpq"] = "auto"
+    use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
     placement: Literal["auto", "cpu", "gpu"] = "auto"
     report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")
 

@@ -52,9 +52,10 @@ def prepare(images: Path, source: str, split: str, out: Path, params: PreparePar
 
 
 def embed(manifest: Path, out: Path, params: EmbedParams) -> dict:
-    read_manifest(manifest)
+    splits = set(read_manifest(manifest).column("split").to_pylist())
+    views = params.eval_views if splits == {"eval"} else []
     embedder = build_embedder(params.model, params.weights, params.crop_size, params.device)
-    summary = embed_manifest(manifest, out, embedder, params.batch_size, params.shard_size)
+    summary = embed_manifest(manifest, out, embedder, params.batch_size, params.shard_size, views)
     metrics = {f"embed/{key}": value for key, value in summary.items()}
     if "embed/embedded" in metrics:
         write_json(metrics, Path(out) / "metrics.json")
@@ -76,7 +77,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         kept_rows = np.flatnonzero(result.keep)
         clean = relative_dedup(
             pool.vectors[kept_rows],
-            [e.vectors for e in evaluation],
+            [e.with_views() if params.use_eval_views else e.vectors for e in evaluation],
             params.k,
             relative_threshold,
             params.index,
@@ -107,6 +108,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
             "dedup/largest_group": counts["largest_group"],
             "dedup/after_self_dedup": counts["kept"],
             "dedup/eval_images": sum(len(e.ids) for e in evaluation),
+            "dedup/eval_vectors": sum(len(e.with_views() if params.use_eval_views else e.vectors) for e in evaluation),
             "dedup/eval_leaks_removed": int((~clean).sum()),
             "dedup/kept": len(final_rows),
             "dedup/self_threshold": self_threshold,

@@ -101,7 +101,7 @@ def test_bad_inputs_fail_with_a_clear_message_and_leave_no_output(tmp_path, phot
 @pytest.mark.slow
 def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, cifar10_root, mnist_digits, mlflow_uri):
     """Seed: 200 CIFAR-10 train photos. Pool: 400 other train photos, 4 copies of each of 20 of them,
-    300 MNIST digits, copies of 10 test images. Eval: 50 CIFAR-10 test images."""
+    300 MNIST digits, copies of 10 test images. Eval: 50 CIFAR-10 test images (embedded with their views)."""
     train = cifar_images(cifar10_root, "train", 600, seed=1)
     test = cifar_images(cifar10_root, "test", 50, seed=2)
     copy_files(train[:200], tmp_path / "seed")
@@ -135,6 +135,7 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, cifar10_r
     assert result.returncode == 0, result.stdout + result.stderr
     dedup = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert dedup["dedup/pool_images"] == 400 + 120 + 300
+    assert dedup["dedup/eval_vectors"] == 50 * 3  # each eval image and its two default views
     kept = pq.read_table(tmp_path / "d" / "kept.parquet").column("id").to_pylist()
     survivors = []
     for index, path in enumerate(train[200:220]):
