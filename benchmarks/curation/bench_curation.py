@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF cells probed per query (index.py's default)")
     parser.add_argument("--copy-noise", type=float, default=0.1, help="noise norm of a copy, relative to its original")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -70,11 +71,11 @@ def main() -> None:
         copies = n // 100
         cosines = np.einsum("ij,ij->i", vectors[:copies], vectors[n - copies :])
         start = time.perf_counter()
-        result = self_dedup(vectors, k=args.k, threshold=0.6)
+        result = self_dedup(vectors, k=args.k, threshold=0.6, nprobe=args.nprobe)
         seconds = time.perf_counter() - start
         found = result.labels[n - copies :] == result.labels[:copies]
         unrelated_removed = int((~result.keep[copies : n - copies]).sum())
-        plan = plan_index(n, args.dim)
+        plan = plan_index(n, args.dim, nprobe=args.nprobe)
         print(
             f"N={n:,} d={args.dim} k={args.k} index={plan}: k-NN + dedup {seconds:.1f} s, "
             f"copy cosines {cosines.min():.3f}..{cosines.max():.3f}, "

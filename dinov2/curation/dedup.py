@@ -27,12 +27,13 @@ def knn_edges(
     threshold: float,
     kind: IndexKind = "auto",
     placement: Placement = "auto",
+    nprobe: int | None = None,
 ) -> np.ndarray:
     """(E, 2) edges i -> j for j among the k nearest neighbours of i with cosine > threshold."""
     check_threshold(threshold, "threshold")
     if k < 2:
         raise ValueError(f"k must be at least 2 (the nearest neighbour of a vector is itself), got {k}")
-    index = VectorIndex(vectors, kind=kind, placement=placement)
+    index = VectorIndex(vectors, kind=kind, placement=placement, nprobe=nprobe)
     sims, rows = index.search(index.vectors, k)
     linked = (sims > threshold) & (rows >= 0)
     sources = np.broadcast_to(np.arange(len(vectors))[:, None], rows.shape)
@@ -68,11 +69,11 @@ def self_dedup(
     threshold: float = 0.6,
     kind: IndexKind = "auto",
     placement: Placement = "auto",
+    nprobe: int | None = None,
 ) -> SelfDedup:
     vectors = check_vectors(vectors, "embeddings")
-    labels = connected_components(
-        len(vectors), knn_edges(vectors, min(k, len(vectors)) if len(vectors) > 1 else 2, threshold, kind, placement)
-    )
+    k = min(k, len(vectors)) if len(vectors) > 1 else 2
+    labels = connected_components(len(vectors), knn_edges(vectors, k, threshold, kind, placement, nprobe))
     keep = labels == np.arange(len(vectors))
     return SelfDedup(labels, keep)
 
@@ -84,6 +85,7 @@ def relative_dedup(
     threshold: float = 0.45,
     kind: IndexKind = "auto",
     placement: Placement = "auto",
+    nprobe: int | None = None,
 ) -> np.ndarray:
     """Boolean mask over the pool: True where the image's component holds no evaluation image."""
     pool = check_vectors(pool, "pool embeddings")
@@ -94,7 +96,7 @@ def relative_dedup(
     ]
     everything = np.concatenate([pool, *sets])
     labels = connected_components(
-        len(everything), knn_edges(everything, max(2, min(k, len(everything))), threshold, kind, placement)
+        len(everything), knn_edges(everything, max(2, min(k, len(everything))), threshold, kind, placement, nprobe)
     )
     tainted = np.zeros(len(everything), dtype=bool)
     tainted[np.unique(labels[len(pool) :])] = True

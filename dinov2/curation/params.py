@@ -47,6 +47,9 @@ class DedupParams(Section):
     self_threshold: float | None = None
     relative_threshold: float | None = None
     index: Literal["auto", "flat", "ivfpq"] = "auto"
+    # IVF-PQ only: cells probed per query; None = index.py's 16. More finds more near-threshold copies on
+    # unclustered vectors at proportional cost (benchmarks/curation/README.md).
+    nprobe: int | None = Field(None, ge=1)
     use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
     placement: Literal["auto", "cpu", "gpu"] = "auto"
     report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")

@@ -73,7 +73,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
     self_threshold = _threshold(params.self_threshold, pool, "self")
     relative_threshold = _threshold(params.relative_threshold, pool, "relative")
     with output_folder(out) as folder:
-        result = self_dedup(pool.vectors, params.k, self_threshold, params.index, params.placement)
+        result = self_dedup(pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe)
         kept_rows = np.flatnonzero(result.keep)
         clean = relative_dedup(
             pool.vectors[kept_rows],
@@ -82,6 +82,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
             relative_threshold,
             params.index,
             params.placement,
+            params.nprobe,
         )
         final_rows = kept_rows[clean]
         ids = np.asarray(pool.ids, dtype=object)

@@ -98,6 +98,8 @@ def test_index_parameters_follow_the_pool_size():
     # nlist = 2 sqrt(n) balances coarse assignment against the code scan at nprobe = 16 (index.py).
     assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 6324, 192, 16)
     assert plan_index(1000, 64, kind="ivfpq").nlist == 25  # at least 39 training points per list
+    assert plan_index(1000, 64, kind="ivfpq", nprobe=40).nprobe == 40
+    assert VectorIndex(unit(np.eye(64)[np.arange(2000) % 64] + 0.01), kind="ivfpq", nprobe=7).index.nprobe == 7
 
 
 def test_exact_and_ivfpq_indexes_find_the_same_nearest_neighbour():

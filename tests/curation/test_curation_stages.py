@@ -137,14 +137,21 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, cifar10_r
     assert dedup["dedup/pool_images"] == 400 + 120 + 300
     assert dedup["dedup/eval_vectors"] == 50 * 3  # each eval image and its two default views
     kept = pq.read_table(tmp_path / "d" / "kept.parquet").column("id").to_pylist()
+    leaks = set(pq.read_table(tmp_path / "d" / "eval_leaks.parquet").column("id").to_pylist())
     survivors = []
     for index, path in enumerate(train[200:220]):
         group = {f"web/photos/{path.parent.name}_{path.name}"} | {f"web/copies/{index}_{n}.png" for n in COPY_EDITS}
-        survivors.append(len(group & set(kept)))
+        survivors.append(len(group & (set(kept) | leaks)))  # what self-dedup kept
     # The original and its 4 copies form one component, one image survives; at 0.988 recall a crop may escape.
     assert min(survivors) == 1 and sum(survivors) <= 21, survivors
-    for index in range(20, 30):  # copies of evaluation images: all gone
-        assert not {f"web/copies/{index}_{n}.png" for n in COPY_EDITS} & set(kept)
+    eval_copies = {f"web/copies/{index}_{n}.png" for index in range(20, 30) for n in COPY_EDITS}
+    assert not eval_copies & set(kept)  # copies of evaluation images: all gone
+    # Relative dedup also removes what merely looks like an eval image to the copy descriptor. Measured here:
+    # 2 of 820, the cropped copy of a grey car on white (train automobile/2037, cosine 0.751 to the 80% view
+    # of test automobile/0345) and train airplane/4986.
+    false_leaks = sorted(leaks - eval_copies)
+    print(f"relative dedup: {len(leaks & eval_copies)} eval copies and {false_leaks} removed")
+    assert len(false_leaks) <= 2, false_leaks
     assert (tmp_path / "d" / "plots" / "duplicate_groups.png").is_file()
 
     result = dinov2(
