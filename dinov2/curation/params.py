@@ -47,8 +47,8 @@ class DedupParams(Section):
     self_threshold: float | None = None
     relative_threshold: float | None = None
     index: Literal["auto", "flat", "ivfpq"] = "auto"
-    # IVF-PQ only: cells probed per query; None = index.py's 16. More finds more near-threshold copies on
-    # unclustered vectors at proportional cost (benchmarks/curation/README.md).
+    # IVF-PQ only: cells probed per query; None = index.py's 64. Fewer is faster but misses near-threshold
+    # copies on unclustered vectors (benchmarks/curation/README.md).
     nprobe: int | None = Field(None, ge=1)
     use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
     placement: Literal["auto", "cpu", "gpu"] = "auto"

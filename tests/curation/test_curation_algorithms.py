@@ -95,8 +95,8 @@ def test_evaluation_embeddings_of_another_dimension_are_refused():
 def test_index_parameters_follow_the_pool_size():
     assert plan_index(10_000, 768).kind == "flat"
     large = plan_index(10_000_000, 768)
-    # nlist = 2 sqrt(n) balances coarse assignment against the code scan at nprobe = 16 (index.py).
-    assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 6324, 192, 16)
+    # nlist = 2 sqrt(n), d/4 sub-quantisers, 64 probed cells (index.py).
+    assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 6324, 192, 64)
     assert plan_index(1000, 64, kind="ivfpq").nlist == 25  # at least 39 training points per list
     assert plan_index(1000, 64, kind="ivfpq", nprobe=40).nprobe == 40
     assert VectorIndex(unit(np.eye(64)[np.arange(2000) % 64] + 0.01), kind="ivfpq", nprobe=7).index.nprobe == 7
