@@ -3,7 +3,8 @@
 Layout: ``<root>/<class_name>/<image>`` (torchvision's ImageFolder layout, the layout of
 ``<root>/{train,test}`` in the usual classification sets). Class indices follow the sorted class
 folder names. An unreadable image is skipped and counted (``dataset.skipped``): ``__getitem__``
-returns ``None`` for it and ``collate_readable`` drops it from the batch.
+returns ``None`` for it and ``collate_readable`` drops it from the batch. Reading is the
+pretraining datasets' (dinov2.data.datasets); this module adds what a labelled eval needs.
 """
 
 import hashlib
@@ -14,59 +15,43 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from dinov2.data.images import IMAGE_SUFFIXES, SkippedImages, list_images, try_read_rgb
+from dinov2.data.datasets import ImageFolderDataset
+from dinov2.data.images import IMAGE_SUFFIXES, try_read_rgb
 
 
-class LabelledImageFolder(torch.utils.data.Dataset):
-    """(image_tensor, class_index) pairs from ``<root>/<class>/<image>``."""
+class LabelledImageFolder(ImageFolderDataset):
+    """(image_tensor, class_index) pairs from ``<root>/<class>/<image>``: the pretraining reader, plus the
+    checks a classification eval needs (every image in a class folder, no empty class) and a fingerprint."""
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], torch.Tensor] | None = None):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        self.classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
-        loose = [p.name for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        if not self.classes:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {root}")
+        class_folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not class_folders:
             found = f"{len(loose)} images lie directly in it" if loose else "it holds no class folders"
             raise ValueError(
-                f"labels missing for {self.root}: a classification eval needs <root>/<class>/<image> and {found}"
+                f"labels missing for {root}: a classification eval needs <root>/<class>/<image> and {found}"
             )
         if loose:
             raise ValueError(
-                f"labels missing for {len(loose)} images directly under {self.root} (e.g. {loose[0]}): "
+                f"labels missing for {len(loose)} images directly under {root} (e.g. {loose[0]}): "
                 "put every image in its class folder"
             )
-        self.samples: list[tuple[Path, int]] = []
-        for index, name in enumerate(self.classes):
-            try:
-                files = list_images(self.root / name)
-            except ValueError:
-                raise ValueError(f"class folder {self.root / name} holds no images") from None
-            self.samples.extend((path, index) for path in files)
-        self.transform = transform
-        self.skipped = SkippedImages()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        super().__init__(root, transform=transform)
+        empty = sorted(set(class_folders) - set(self.classes))
+        if empty:
+            raise ValueError(f"class folder {root / empty[0]} holds no images")
 
     def read(self, index: int) -> Image.Image | None:
-        return try_read_rgb(self.samples[index][0], self.skipped)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        image = self.read(index)
-        if image is None:
-            return None
-        return (self.transform(image) if self.transform else image), self.samples[index][1]
+        return try_read_rgb(self.paths[index], self.skipped)
 
     @property
     def fingerprint(self) -> str:
         """Changes when any file is added, removed, renamed or rewritten (path, size and mtime)."""
         digest = hashlib.sha256(str(self.root.resolve()).encode())
-        for path, label in self.samples:
+        for path, label in zip(self.paths, self.labels, strict=True):
             stat = path.stat()
             digest.update(f"{path.relative_to(self.root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()

@@ -74,7 +74,7 @@ class MosaicSegmentation(torch.utils.data.Dataset):
             row, col = divmod(position, 2)
             area = (slice(row * size, (row + 1) * size), slice(col * size, (col + 1) * size))
             image[(slice(None), *area)] = self.tile_transform(tile)
-            labels[area] = self.folder.samples[sample][1]
+            labels[area] = self.folder.labels[sample]
         return image, labels
 
     @property
