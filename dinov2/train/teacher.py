@@ -28,14 +28,15 @@ def update_teacher(student: nn.ModuleDict, teacher: nn.ModuleDict, momentum: flo
     torch._foreach_add_(teacher_values, student_values, alpha=1.0 - momentum)
 
 
-def gathered(module: nn.Module):
-    """Full parameters of a ZeRO-3 partitioned module inside the context (read-only); no-op otherwise."""
+def gathered(module: nn.Module, modifier_rank: int | None = None):
+    """Full parameters of a ZeRO-3 partitioned module inside the context; no-op otherwise. Changes made
+    on ``modifier_rank`` are partitioned back on exit (``None``: read-only)."""
     parameters = list(module.parameters())
     if not any(hasattr(p, "ds_tensor") for p in parameters):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
 def export_teacher(teacher: nn.ModuleDict, folder: Path, is_writer: bool, metadata: dict) -> Path:
@@ -88,15 +89,7 @@ def load_ema_state(meta: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
-    parameters = list(meta.teacher.parameters())
-    zero3 = any(hasattr(p, "ds_tensor") for p in parameters)
-    if zero3:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
-    else:
-        context = nullcontext()
-    with context, torch.no_grad():
+    with gathered(meta.teacher, modifier_rank=0), torch.no_grad():
         current = _ema_state_tensors(meta)
         if current.keys() != saved.keys():
             raise RuntimeError(f"{path} does not hold this model's teacher state")

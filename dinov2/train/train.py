@@ -196,7 +196,8 @@ def pretrain(
     rank, world_size, device = init_distributed()
     if recipe.train.batch_size % world_size:
         raise ValueError(f"train.batch_size {recipe.train.batch_size} is not divisible by the world size {world_size}")
-    knn_root = Path(knn_data or recipe.evaluation.knn_dataset) if (knn_data or recipe.evaluation.knn_dataset) else None
+    knn_source = knn_data or recipe.evaluation.knn_dataset
+    knn_root = Path(knn_source) if knn_source else None
     if knn_root is not None and not (knn_root / "train").is_dir():
         raise FileNotFoundError(f"kNN dataset {knn_root} needs train/ and test/ class folders")
     crops = recipe.crops
@@ -261,6 +262,7 @@ def pretrain(
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not is_writer,
         )  # fmt: skip
         skipped_images = 0
+        step_metrics: dict[str, float] = {}  # the last iteration's, reported at the end
         with progress:
             task = progress.add_task("pretrain", total=stop, completed=start, status="")
             batches = iter(loader)
@@ -315,7 +317,7 @@ def pretrain(
                 if iteration % recipe.checkpoint.export_every_n_iterations == 0 or iteration == total:
                     export_teacher(meta.teacher, output_dir / "exports" / f"iter_{iteration:07d}", is_writer,
                                    {"recipe": recipe.name, "iteration": iteration})  # fmt: skip
-        metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()} if stop > start else {})
+        metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()})
         if iteration == total:
             final = export_teacher(
                 meta.teacher, output_dir / "teacher", is_writer, {"recipe": recipe.name, "iteration": iteration}
