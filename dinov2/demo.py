@@ -20,6 +20,7 @@ from PIL import Image
 
 from dinov2.data.images import SkippedImages, list_images, try_read_rgb
 from dinov2.data.transforms import make_eval_transform
+from dinov2.eval.patch_pca import patch_pca_picture
 from dinov2.hub import create, load_backbone, save_backbone, save_timm
 from dinov2.hub.export import count_parameters
 
@@ -44,20 +45,6 @@ def folder_photos(folder: Path, skipped: SkippedImages) -> list[tuple[str, Image
     if not photos:
         raise ValueError(f"none of the images under {folder} could be read ({len(skipped)} unreadable)")
     return photos
-
-
-def patch_pca_picture(patch_tokens: torch.Tensor, grid: int, cell: int = 112) -> Image.Image:
-    """First three principal components of all patch features, as RGB, one tile per image."""
-    batch, n_patches, dim = patch_tokens.shape
-    flat = patch_tokens.reshape(-1, dim).float()
-    flat = flat - flat.mean(dim=0)
-    _, _, components = torch.linalg.svd(flat, full_matrices=False)
-    projected = flat @ components[:3].T
-    low, high = projected.min(dim=0).values, projected.max(dim=0).values
-    rgb = ((projected - low) / (high - low).clamp_min(1e-8)).reshape(batch, grid, grid, 3)
-    tiles = F.interpolate(rgb.permute(0, 3, 1, 2), size=(cell, cell), mode="nearest")
-    row = torch.cat(list(tiles), dim=2)  # 3 x cell x (batch*cell)
-    return Image.fromarray((row.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
 
 
 def run_demo(

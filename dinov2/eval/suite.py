@@ -332,7 +332,7 @@ class _Suite:
 
     def pca_picture(self) -> Image.Image:
         """First three principal components of the patch features of the first test images (paper, fig. 1)."""
-        from dinov2.demo import patch_pca_picture
+        from dinov2.eval.patch_pca import patch_pca_picture
 
         shown = [self.test_folder[i] for i in range(min(8, len(self.test_folder)))]
         images = torch.stack([item[0] for item in shown if item is not None]).to(self.params.device)

@@ -27,10 +27,8 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def backbone_forward_flops(recipe: Recipe, image_size: int) -> float:
+def backbone_forward_flops(recipe: Recipe, image_size: int, width: int, depth: int) -> float:
     student = recipe.student
-    width = student.embed_dim if student.arch == "custom" else _arch_width(student.arch)
-    depth = student.depth if student.arch == "custom" else _arch_depth(student.arch)
     tokens = (image_size // student.patch_size) ** 2 + 1 + student.num_register_tokens
     hidden = 4 * width
     if student.ffn_layer in ("swiglu", "swiglufused"):
@@ -40,18 +38,6 @@ def backbone_forward_flops(recipe: Recipe, image_size: int) -> float:
     attention_macs = 4 * tokens * width * width + 2 * tokens * tokens * width
     patch_macs = (tokens - 1) * 3 * student.patch_size**2 * width
     return 2.0 * (depth * (attention_macs + ffn_macs) + patch_macs)
-
-
-def _arch_width(arch: str) -> int:
-    from dinov2.models import ARCHITECTURES
-
-    return ARCHITECTURES[arch].embed_dim
-
-
-def _arch_depth(arch: str) -> int:
-    from dinov2.models import ARCHITECTURES
-
-    return ARCHITECTURES[arch].depth
 
 
 def head_flops(head: torch.nn.Module) -> float:
@@ -85,8 +71,8 @@ def budget(recipe: Recipe) -> Budget:
         meta = SSLMetaArch(recipe)
     crops = recipe.crops
     width, depth = meta.student.backbone.embed_dim, meta.student.backbone.n_blocks
-    global_forward = backbone_forward_flops(recipe, crops.global_crops_size)
-    local_forward = backbone_forward_flops(recipe, crops.local_crops_size)
+    global_forward = backbone_forward_flops(recipe, crops.global_crops_size, width, depth)
+    local_forward = backbone_forward_flops(recipe, crops.local_crops_size, width, depth)
     student_forward = 2 * global_forward + crops.local_crops_number * local_forward
     n_cls = 2 + crops.local_crops_number
     masked_patches = recipe.ibot.mask_sample_probability * sum(recipe.ibot.mask_ratio_min_max) / 2
