@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install data demo test test-fast lint clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -17,9 +17,15 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# DeepSpeed compiles its CPU shared-memory collective on first use (~20 s, g++ + ninja): do it once here
 	$(PYTHON) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# Fashion-MNIST, the real images of the tests and the default pipeline: Debian's package, else torchvision's download
+	$(PYTHON) -m dinov2.data.fashion_mnist
 	touch $@
 
 install: $(INSTALLED)
+
+# Provide Fashion-MNIST again (a venv installed before the data step, or data/ removed).
+data: $(INSTALLED)
+	$(PYTHON) -m dinov2.data.fashion_mnist
 
 demo: install
 	$(VENV)/bin/dinov2 demo --out outputs/demo
