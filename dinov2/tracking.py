@@ -126,6 +126,17 @@ def _experiment_id(name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 @contextmanager
 def tracked_run(
     stage: str,
@@ -134,8 +145,13 @@ def tracked_run(
     config: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """An MLflow run in experiment ``dinov2/<stage>`` on rank 0; a do-nothing tracker elsewhere."""
+    """An MLflow run in experiment ``dinov2/<stage>`` on rank 0; a do-nothing tracker elsewhere.
+
+    ``resume_run_id``: continue that run (a resumed training run keeps one MLflow run) when the
+    tracking store still has it; otherwise a new run is opened.
+    """
     if not is_rank_zero():
         yield Tracker(None)
         return
@@ -146,9 +162,17 @@ def tracked_run(
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(f"dinov2/{stage}", uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags(stage, recipe, tags)) as run:
+    if resume_run_id is not None and not _run_exists(resume_run_id):
+        resume_run_id = None
+    if resume_run_id is not None:
+        started = mlflow.start_run(run_id=resume_run_id)
+    else:
+        started = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags(stage, recipe, tags))
+    with started as run:
         tracker = Tracker(run.info.run_id)
-        if config is not None:
+        if resume_run_id is not None:
+            tracker.set_tags(run_tags(stage, recipe, tags))
+        elif config is not None:
             tracker.log_params(config)
             tracker.log_dict(config, "config/resolved.yaml")
         yield tracker

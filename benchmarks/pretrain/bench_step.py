@@ -21,10 +21,10 @@ import torch
 from dinov2.train.config import load_recipe
 from dinov2.train.distributed import init_distributed
 from dinov2.train.dry_run import budget
-from dinov2.train.param_groups import apply_schedules, param_groups
+from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.teacher import update_teacher
+from dinov2.train.teacher import update_emas
 from dinov2.train.train import deepspeed_config, make_collate, peak_memory_gib, precision_dtype
 
 # dense bf16 peaks, TFLOP/s
@@ -77,10 +77,7 @@ def main() -> None:
     _, world_size, device = init_distributed()
     torch.manual_seed(0)
     meta = SSLMetaArch(recipe)
-    groups = param_groups(meta.student, meta.student.backbone.n_blocks, recipe.optim.layerwise_decay, 0.2)
-    for group in groups:
-        group.pop("member_names")
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = torch.optim.AdamW(meta.optimizer_groups(), betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
     meta.to(device)
     engine, optimizer, _, _ = deepspeed.initialize(model=meta, optimizer=optimizer, config=deepspeed_config(recipe, 1))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(recipe, args.batch_size).items()}
@@ -94,7 +91,7 @@ def main() -> None:
             loss, _ = engine(batch, values["teacher_temp"])
         engine.backward(loss)
         engine.step()
-        update_teacher(meta.student, meta.teacher, values["momentum"])
+        update_emas(meta.ema_pairs(), values["momentum"])
 
     for _ in range(args.warmup):
         step()

@@ -8,6 +8,8 @@ divided by their sum, the global one (A paired with B, B with A) counts twice; K
 two global crops; the iBOT loss is the mean over images of the mean over their masked patches.
 """
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,13 +18,18 @@ from torch import nn
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import DinoVisionTransformer, build_vit
-from dinov2.train.config import Recipe
+from dinov2.train.config import Recipe, StudentSection
+from dinov2.train.param_groups import param_groups
 
 N_GLOBAL_CROPS = 2
 
 
-def build_backbone(recipe: Recipe, drop_path_rate: float) -> DinoVisionTransformer:
-    student = recipe.student
+def build_backbone(
+    recipe: Recipe, drop_path_rate: float, student: StudentSection | None = None
+) -> DinoVisionTransformer:
+    """The backbone a student section describes (``recipe.student`` by default), initialised from
+    ``pretrained_weights`` when set (a .safetensors from an export, or a checkpoint path/URL)."""
+    student = student or recipe.student
     options = dict(
         img_size=student.img_size,
         patch_size=student.patch_size,
@@ -38,40 +45,73 @@ def build_backbone(recipe: Recipe, drop_path_rate: float) -> DinoVisionTransform
         drop_path_uniform=student.drop_path_uniform,
     )
     if student.arch == "custom":
-        return DinoVisionTransformer(
+        backbone = DinoVisionTransformer(
             embed_dim=student.embed_dim, depth=student.depth, num_heads=student.num_heads, **options
         )
-    return build_vit(student.arch, **options)
+    else:
+        backbone = build_vit(student.arch, **options)
+    if student.pretrained_weights:
+        load_pretrained(backbone, student.pretrained_weights)
+    return backbone
 
 
-def _heads(recipe: Recipe, embed_dim: int) -> dict[str, nn.Module]:
+def load_pretrained(backbone: DinoVisionTransformer, source: str) -> None:
+    """Strictly load backbone weights: our safetensors exports or any checkpoint the hub loader reads."""
+    from dinov2.hub.checkpoints import load_backbone_weights, load_state_dict_strict, to_backbone_keys
+
+    if str(source).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"student.pretrained_weights: {source} does not exist")
+        load_state_dict_strict(backbone, to_backbone_keys(load_file(str(source))), str(source))
+    else:
+        load_backbone_weights(backbone, source)
+
+
+def build_heads(recipe: Recipe, embed_dim: int, dino_prototypes: int | None = None, ibot_prototypes: int | None = None):
+    """DINO head (+ a separate iBOT head when the recipe asks for one) sized by the recipe; the
+    prototype counts can be imposed (a distilled student takes its teacher's)."""
     dino, ibot = recipe.dino, recipe.ibot
     heads = {
         "dino_head": DINOHead(
-            embed_dim, dino.head_n_prototypes, nlayers=dino.head_nlayers,
+            embed_dim, dino_prototypes or dino.head_n_prototypes, nlayers=dino.head_nlayers,
             hidden_dim=dino.head_hidden_dim, bottleneck_dim=dino.head_bottleneck_dim,
         )
     }  # fmt: skip
     if ibot.loss_weight > 0 and ibot.separate_head:
         heads["ibot_head"] = DINOHead(
-            embed_dim, ibot.head_n_prototypes, nlayers=ibot.head_nlayers,
+            embed_dim, ibot_prototypes or ibot.head_n_prototypes, nlayers=ibot.head_nlayers,
             hidden_dim=ibot.head_hidden_dim, bottleneck_dim=ibot.head_bottleneck_dim,
         )  # fmt: skip
     return heads
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, recipe: Recipe):
+    """The pretraining objective. With ``frozen_backbone`` (a trained backbone whose heads are lost, as
+    in the released checkpoints) only the heads train, against targets of that same backbone: the
+    head-fitting phase that gives a headless backbone the heads a distillation teacher needs."""
+
+    stage = "pretrain"
+
+    def __init__(self, recipe: Recipe, frozen_backbone: DinoVisionTransformer | None = None):
         super().__init__()
         self.recipe = recipe
-        student_backbone = build_backbone(recipe, recipe.student.drop_path_rate)
-        teacher_backbone = build_backbone(recipe, 0.0)
+        if frozen_backbone is None:
+            student_backbone = build_backbone(recipe, recipe.student.drop_path_rate)
+            # the teacher starts as a copy of the student: no need to read pretrained weights twice
+            unloaded = recipe.student.model_copy(update={"pretrained_weights": None})
+            teacher_backbone = build_backbone(recipe, 0.0, unloaded)
+        else:
+            student_backbone, teacher_backbone = frozen_backbone, copy.deepcopy(frozen_backbone)
+            student_backbone.requires_grad_(False)
         embed_dim = student_backbone.embed_dim
-        self.student = nn.ModuleDict({"backbone": student_backbone, **_heads(recipe, embed_dim)})
-        self.teacher = nn.ModuleDict({"backbone": teacher_backbone, **_heads(recipe, embed_dim)})
+        self.student = nn.ModuleDict({"backbone": student_backbone, **build_heads(recipe, embed_dim)})
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone, **build_heads(recipe, embed_dim)})
         self.teacher.load_state_dict(self.student.state_dict())
         for parameter in self.teacher.parameters():
             parameter.requires_grad = False
+        self.trained = [name for name, part in self.student.items() if any(p.requires_grad for p in part.parameters())]
         self.do_ibot = recipe.ibot.loss_weight > 0
         self.ibot_head_name = "ibot_head" if "ibot_head" in self.student else "dino_head"
         ibot_out_dim = recipe.ibot.head_n_prototypes if recipe.ibot.separate_head else recipe.dino.head_n_prototypes
@@ -82,7 +122,34 @@ class SSLMetaArch(nn.Module):
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()
+        for name, module in self.student.items():
+            if name not in self.trained:
+                module.eval()
         return self
+
+    def optimizer_groups(self) -> list[dict]:
+        groups = param_groups(
+            self.student, self.student.backbone.n_blocks, self.recipe.optim.layerwise_decay,
+            self.recipe.optim.patch_embed_lr_mult,
+        )  # fmt: skip
+        for group in groups:
+            group.pop("member_names")
+        return groups
+
+    def clip_units(self) -> list[nn.Module]:
+        return [self.student[name] for name in self.trained]
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.student[name], self.teacher[name]) for name in self.trained]
+
+    def ema_state(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher, "dino_loss": self.dino_loss, "ibot_patch_loss": self.ibot_patch_loss}
+
+    def exports(self) -> dict[str, nn.ModuleDict]:
+        return {"teacher": self.teacher}
+
+    def knn_backbones(self) -> dict[str, nn.Module]:
+        return {"": self.teacher.backbone}
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,7 +1,7 @@
-"""The teacher: EMA of the student, and its export for distillation and continued pretraining."""
+"""EMA copies (the pretraining teacher, the distilled students' final models) and their export."""
 
 import json
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -17,15 +17,16 @@ def _storage(parameter: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_teacher(student: nn.ModuleDict, teacher: nn.ModuleDict, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, for every paired parameter."""
-    student_values, teacher_values = [], []
-    for name, module in student.items():
-        for student_param, teacher_param in zip(module.parameters(), teacher[name].parameters(), strict=True):
-            student_values.append(_storage(student_param))
-            teacher_values.append(_storage(teacher_param))
-    torch._foreach_mul_(teacher_values, momentum)
-    torch._foreach_add_(teacher_values, student_values, alpha=1.0 - momentum)
+def update_emas(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """ema <- momentum * ema + (1 - momentum) * trained, for every parameter of every (trained, ema) pair."""
+    trained_values, ema_values = [], []
+    for trained, ema in pairs:
+        for trained_param, ema_param in zip(trained.parameters(), ema.parameters(), strict=True):
+            trained_values.append(_storage(trained_param))
+            ema_values.append(_storage(ema_param))
+    if ema_values:
+        torch._foreach_mul_(ema_values, momentum)
+        torch._foreach_add_(ema_values, trained_values, alpha=1.0 - momentum)
 
 
 def gathered(module: nn.Module, modifier_rank: int | None = None):
@@ -39,7 +40,7 @@ def gathered(module: nn.Module, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
-def export_teacher(teacher: nn.ModuleDict, folder: Path, is_writer: bool, metadata: dict) -> Path:
+def export_models(models: nn.ModuleDict, folder: Path, is_writer: bool, metadata: dict) -> Path:
     """backbone.safetensors (released-hub layout) + heads.safetensors (dino_head.*, ibot_head.*).
 
     Every rank must call this (ZeRO-3 gathers collectively); only ``is_writer`` writes.
@@ -47,15 +48,15 @@ def export_teacher(teacher: nn.ModuleDict, folder: Path, is_writer: bool, metada
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    with gathered(teacher):
+    with gathered(models):
         if is_writer:
             header = {
                 key: json.dumps(value) if not isinstance(value, str) else value for key, value in metadata.items()
             }
-            save_backbone(teacher["backbone"], folder / "backbone.safetensors", metadata=header)
+            save_backbone(models["backbone"], folder / "backbone.safetensors", metadata=header)
             heads = {
                 f"{name}.{key}": value.detach().cpu().contiguous()
-                for name, module in teacher.items()
+                for name, module in models.items()
                 if name != "backbone"
                 for key, value in module.state_dict().items()
             }
@@ -63,35 +64,38 @@ def export_teacher(teacher: nn.ModuleDict, folder: Path, is_writer: bool, metada
     return folder
 
 
-def _ema_state_tensors(meta: nn.Module) -> dict[str, torch.Tensor]:
-    """The state that is not trained by the optimizer: teacher weights and the loss centers."""
-    state = {f"teacher.{key}": value for key, value in meta.teacher.state_dict().items()}
-    for name in ("dino_loss", "ibot_patch_loss"):
-        state.update({f"{name}.{key}": value for key, value in getattr(meta, name).state_dict().items()})
-    return state
+def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
 
 
-def save_ema_state(meta: nn.Module, path: Path, is_writer: bool) -> None:
-    """Teacher + centers as one world-size-independent safetensors file (collective under ZeRO-3).
+def _gathered_all(modules: dict[str, nn.Module], modifier_rank: int | None = None) -> ExitStack:
+    stack = ExitStack()
+    for module in modules.values():
+        stack.enter_context(gathered(module, modifier_rank))
+    return stack
+
+
+def save_ema_state(modules: dict[str, nn.Module], path: Path, is_writer: bool) -> None:
+    """EMA weights + loss centers as one world-size-independent safetensors file (collective under ZeRO-3).
 
     DeepSpeed's universal checkpoints carry only what the optimizer trains, so a run resumed on
-    another number of ranks takes the teacher and the centers from here.
+    another number of ranks takes the EMAs and the centers from here.
     """
     from safetensors.torch import save_file
 
-    with gathered(meta.teacher):
+    with _gathered_all(modules):
         if is_writer:
-            tensors = {key: value.detach().cpu().contiguous() for key, value in _ema_state_tensors(meta).items()}
+            tensors = {key: value.detach().cpu().contiguous() for key, value in _state_tensors(modules).items()}
             write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def load_ema_state(meta: nn.Module, path: Path) -> None:
+def load_ema_state(modules: dict[str, nn.Module], path: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
-    with gathered(meta.teacher, modifier_rank=0), torch.no_grad():
-        current = _ema_state_tensors(meta)
+    with _gathered_all(modules, modifier_rank=0), torch.no_grad():
+        current = _state_tensors(modules)
         if current.keys() != saved.keys():
-            raise RuntimeError(f"{path} does not hold this model's teacher state")
+            raise RuntimeError(f"{path} does not hold this model's EMA state")
         for key, value in current.items():
             value.copy_(saved[key].to(value.device, value.dtype))

@@ -1,8 +1,10 @@
-"""The pretraining loop: DINOv2 SSL with DeepSpeed ZeRO, from one CPU process to many GPUs.
+"""The training engine: DINOv2 pretraining and distillation with DeepSpeed ZeRO, from one CPU process
+to many GPUs.
 
-One entry point for every launcher (none, torchrun, deepspeed): ``pretrain(recipe, data, output)``.
+One engine for every objective and launcher (none, torchrun, deepspeed): ``run_training(build, ...)``
+with an ``Objective`` (``SSLMetaArch`` for ``pretrain``, the distillation arch for ``distill``).
 Each iteration: schedules -> teacher targets -> student loss -> backward -> (per-module clip) ->
-step -> teacher EMA. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints`` at the
+step -> EMA updates. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints`` at the
 data position it was saved at: crops and masks are functions of (seed, position), and the
 per-iteration RNG (drop path) is reseeded from (seed, iteration, rank), so a resumed run on the same
 world size is bitwise identical on CPU to an uninterrupted one.
@@ -12,10 +14,12 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,14 +30,15 @@ from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
 from dinov2.data.loaders import derived_seed, make_pretraining_loader
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import ResumableInfiniteSampler
+from dinov2.hub.export import write_atomically
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import tracked_run
 from dinov2.train.config import Recipe
 from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed
-from dinov2.train.param_groups import apply_schedules, param_groups
+from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.teacher import export_teacher, load_ema_state, save_ema_state, update_teacher
+from dinov2.train.teacher import export_models, load_ema_state, save_ema_state, update_emas
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +162,8 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def teacher_knn(backbone: torch.nn.Module, root: Path, recipe: Recipe, device: torch.device) -> dict[str, float]:
-    """Weighted kNN (the evaluation suite's) of the teacher's CLS token on <root>/train vs <root>/test."""
+def backbone_knn(backbone: torch.nn.Module, root: Path, recipe: Recipe, device: torch.device) -> dict[str, float]:
+    """Weighted kNN (the evaluation suite's) of a backbone's CLS token on <root>/train vs <root>/test."""
     from dinov2.data.transforms import make_eval_transform
     from dinov2.eval.datasets import LabelledImageFolder
     from dinov2.eval.features import extract_features
@@ -182,14 +187,71 @@ def teacher_knn(backbone: torch.nn.Module, root: Path, recipe: Recipe, device: t
     return knn_classify(train_features, train_labels, test_features, test_labels, ks=(10, 20))
 
 
-def pretrain(
+class Objective(Protocol):
+    """What a meta-architecture supplies to the engine (``SSLMetaArch``, the distillation arch).
+
+    The engine owns the data, DeepSpeed, the schedules, checkpoints, exports and tracking; the
+    objective owns the models, the loss and which modules are EMAs of which.
+    """
+
+    stage: str  # MLflow experiment dinov2/<stage>, the progress bar's label
+
+    def forward(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW parameter groups with ``lr_multiplier``, ``wd_multiplier`` and ``is_last_layer``."""
+
+    def clip_units(self) -> list[torch.nn.Module]:
+        """Modules whose gradients are clipped each to ``optim.clip_grad`` (backbone, each head)."""
+
+    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        """(trained module, its EMA) pairs updated after every step with the momentum schedule."""
+
+    def ema_state(self) -> dict[str, torch.nn.Module]:
+        """Modules whose state the optimizer does not hold (EMAs, loss centers): saved beside every
+        checkpoint in a world-size-independent file."""
+
+    def exports(self) -> dict[str, torch.nn.ModuleDict]:
+        """Run-folder-relative folder -> backbone + heads written as safetensors (the final models)."""
+
+    def knn_backbones(self) -> dict[str, torch.nn.Module]:
+        """Metric prefix -> backbone whose kNN accuracy is reported at the start and the end."""
+
+
+@dataclass
+class Tracking:
+    """How a run appears in MLflow."""
+
+    stage: str
+    run_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _knn_metrics(objective: Objective, root: Path, recipe: Recipe, device: torch.device, suffix: str = ""):
+    metrics = {}
+    for prefix, backbone in objective.knn_backbones().items():
+        for key, value in backbone_knn(backbone, root, recipe, device).items():
+            metrics[f"{prefix}{key}{suffix}"] = value
+    return metrics
+
+
+def _mlflow_run_file(output_dir: Path) -> Path:
+    return output_dir / "mlflow_run_id"
+
+
+def run_training(
+    build: Callable[[], Objective],
     recipe: Recipe,
     data: str | Path,
     output_dir: str | Path,
+    tracking: Tracking,
     max_iterations: int | None = None,
     knn_data: str | Path | None = None,
+    collate: Callable | None = None,
 ) -> RunResult:
-    """Train (or resume) until the recipe's last iteration, or ``max_iterations`` for this call."""
+    """Train (or resume) ``build()``'s objective until the recipe's last iteration, or ``max_iterations``
+    more in this call. The objective is built right after seeding, so its initialisation is the seed's."""
     import deepspeed
 
     output_dir = Path(output_dir)
@@ -206,23 +268,19 @@ def pretrain(
         crops.global_crops_size, crops.local_crops_size, blur_probabilities=crops.blur_probabilities,
     )  # fmt: skip
     dataset = open_dataset(data, augmentation)
-    collate = make_collate(recipe)
+    collate = collate or make_collate(recipe)
 
     torch.manual_seed(recipe.train.seed)
-    meta = SSLMetaArch(recipe)
-    groups = param_groups(
-        meta.student, meta.student.backbone.n_blocks, recipe.optim.layerwise_decay, recipe.optim.patch_embed_lr_mult
-    )
-    for group in groups:
-        group.pop("member_names")
+    objective = build()
+    groups = objective.optimizer_groups()
     optimizer = torch.optim.AdamW(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
-    meta.to(device)
+    objective.to(device)
     checkpoints = output_dir / "checkpoints"
     ds_config = deepspeed_config(recipe, world_size)
     load_dir, tag = resume_source(checkpoints, world_size, is_writer=rank == 0)
     if load_dir is not None and load_dir != checkpoints:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, optimizer, _, _ = deepspeed.initialize(model=meta, optimizer=optimizer, config=ds_config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
     schedules = build_schedules(recipe)
     sampler = ResumableInfiniteSampler(
         len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=rank, world_size=world_size
@@ -231,7 +289,7 @@ def pretrain(
     if tag is not None:
         _, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         if load_dir != checkpoints:
-            load_ema_state(meta, checkpoints / tag / EMA_STATE_FILE)
+            load_ema_state(objective.ema_state(), checkpoints / tag / EMA_STATE_FILE)
         start = int(client_state["iteration"])
         sampler.load_state_dict(client_state["sampler"])
         logger.info("resumed from %s at iteration %d", load_dir / tag, start)
@@ -248,23 +306,34 @@ def pretrain(
     if is_writer:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n")
+    run_file = _mlflow_run_file(output_dir)
+    resumed_run = run_file.read_text().strip() if start > 0 and run_file.is_file() else None
+    clip_units = objective.clip_units()
+    ema_pairs = objective.ema_pairs()
+    metadata = {"recipe": recipe.name}
 
-    with tracked_run("pretrain", recipe=recipe.name, config=recipe.model_dump(mode="json")) as tracker:
-        tracker.log_params({"run.world_size": world_size, "run.device": device.type, "run.data": str(data)})
+    with tracked_run(
+        tracking.stage, recipe=recipe.name, config=recipe.model_dump(mode="json"), run_name=tracking.run_name,
+        tags=tracking.tags, resume_run_id=resumed_run,
+    ) as tracker:  # fmt: skip
+        if tracker.active and tracker.run_id == resumed_run:
+            tracker.set_tags({f"dinov2.resumed_at_{start}": f"world size {world_size}"})
+        elif tracker.active:
+            write_atomically(run_file, lambda tmp: tmp.write_text(tracker.run_id + "\n"))
+            run_params = {"run.world_size": world_size, "run.device": device.type, "run.data": str(data)}
+            tracker.log_params({**run_params, **tracking.params})
         if knn_root is not None and start == 0:
-            metrics.update(
-                {f"{k}_init": v for k, v in teacher_knn(meta.teacher.backbone, knn_root, recipe, device).items()}
-            )
+            metrics.update(_knn_metrics(objective, knn_root, recipe, device, suffix="_init"))
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
-        meta.train()
+        objective.train()
         progress = Progress(
-            TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn(tracking.stage), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not is_writer,
         )  # fmt: skip
         skipped_images = 0
         step_metrics: dict[str, float] = {}  # the last iteration's, reported at the end
         with progress:
-            task = progress.add_task("pretrain", total=stop, completed=start, status="")
+            task = progress.add_task(tracking.stage, total=stop, completed=start, status="")
             batches = iter(loader)
             iteration = start
             while iteration < stop:
@@ -289,10 +358,10 @@ def pretrain(
                     )
                 engine.backward(loss)
                 if recipe.deepspeed.zero_stage == 0 and recipe.optim.clip_grad > 0:
-                    for module in meta.student.values():
+                    for module in clip_units:
                         torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.optim.clip_grad)
                 engine.step()
-                update_teacher(meta.student, meta.teacher, values["momentum"])
+                update_emas(ema_pairs, values["momentum"])
                 iteration += 1
                 seconds = time.perf_counter() - tick
 
@@ -313,21 +382,27 @@ def pretrain(
                     )  # fmt: skip
 
                 if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == stop:
-                    save_checkpoint(engine, checkpoints, iteration, sampler, recipe.checkpoint.keep_last, is_writer)
+                    save_checkpoint(
+                        engine, objective.ema_state(), checkpoints, iteration, sampler, recipe.checkpoint.keep_last,
+                        is_writer,
+                    )  # fmt: skip
                 if iteration % recipe.checkpoint.export_every_n_iterations == 0 or iteration == total:
-                    export_teacher(meta.teacher, output_dir / "exports" / f"iter_{iteration:07d}", is_writer,
-                                   {"recipe": recipe.name, "iteration": iteration})  # fmt: skip
+                    for folder, models in objective.exports().items():
+                        export_models(models, output_dir / "exports" / f"iter_{iteration:07d}" / folder, is_writer,
+                                      {**metadata, "iteration": iteration})  # fmt: skip
         metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()})
         if iteration == total:
-            final = export_teacher(
-                meta.teacher, output_dir / "teacher", is_writer, {"recipe": recipe.name, "iteration": iteration}
-            )
+            finals = [
+                export_models(models, output_dir / folder, is_writer, {**metadata, "iteration": iteration})
+                for folder, models in objective.exports().items()
+            ]
             if knn_root is not None:
-                knn = teacher_knn(meta.teacher.backbone, knn_root, recipe, device)
+                knn = _knn_metrics(objective, knn_root, recipe, device)
                 metrics.update(knn)
                 tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
             if is_writer:
-                tracker.log_artifact(final, "teacher")
+                for final in finals:
+                    tracker.log_artifact(final, final.relative_to(output_dir).as_posix())
         if is_writer:
             metrics["iteration"] = iteration
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -335,12 +410,30 @@ def pretrain(
     return RunResult(iteration, metrics, output_dir)
 
 
-def save_checkpoint(engine, folder: Path, iteration: int, sampler, keep_last: int, is_writer: bool) -> None:
-    """A DeepSpeed checkpoint with the data position and the teacher/center state; older ones beyond
+def pretrain(
+    recipe: Recipe,
+    data: str | Path,
+    output_dir: str | Path,
+    max_iterations: int | None = None,
+    knn_data: str | Path | None = None,
+) -> RunResult:
+    """DINOv2 pretraining (or its resumption) until the recipe's last iteration, or ``max_iterations``."""
+    tracking = Tracking(stage="pretrain", run_name=f"{recipe.name} {date.today().isoformat()}")
+    return run_training(
+        lambda: SSLMetaArch(recipe), recipe, data, output_dir, tracking, max_iterations=max_iterations,
+        knn_data=knn_data,
+    )  # fmt: skip
+
+
+def save_checkpoint(
+    engine, ema_state: dict[str, torch.nn.Module], folder: Path, iteration: int, sampler, keep_last: int,
+    is_writer: bool,
+) -> None:  # fmt: skip
+    """A DeepSpeed checkpoint with the data position and the EMA/center state; older ones beyond
     ``keep_last`` are removed. DeepSpeed moves ``latest`` to a tag only after writing it, so the
-    teacher file is written first and a killed save never looks complete."""
+    EMA file is written first and a killed save never looks complete."""
     tag = f"iter_{iteration:07d}"
-    save_ema_state(engine.module, folder / tag / EMA_STATE_FILE, is_writer)
+    save_ema_state(ema_state, folder / tag / EMA_STATE_FILE, is_writer)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"iteration": iteration, "sampler": sampler.state_dict()})
     barrier()
     if is_writer:

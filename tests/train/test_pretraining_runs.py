@@ -124,7 +124,7 @@ def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(cifar_slice, 
             partitions = list((output / "checkpoints" / "iter_0000006").glob("zero_pp_rank_*_optim_states.pt"))
             assert len(partitions) == 2
     assert max_difference(teachers[0], teachers[2]) == 0.0
-    at_2 = teacher_weights(tmp_path / "zero0" / "exports" / "iter_0000002")
+    at_2 = teacher_weights(tmp_path / "zero0" / "exports" / "iter_0000002" / "teacher")
     moved = l2_distance(teachers[0], at_2)
     # ZeRO-3 reduce-scatters gradients in another order: fp32 rounding that Adam's normalisation lifts
     # on parameters whose gradients are near zero. Measured: 2% of what the 4 iterations moved.
@@ -167,7 +167,7 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(cifar_slice, run_env, t
     run(pretrain_command("torchrun", *arguments, "--output", str(tmp_path / "straight")), run_env)
     moved = tmp_path / "moved"
     run(pretrain_command("torchrun", *arguments, "--output", str(moved), "--max-iterations", "4"), run_env)
-    shutil.copytree(moved / "exports" / "iter_0000004", tmp_path / "teacher_at_4")
+    shutil.copytree(moved / "exports" / "iter_0000004" / "teacher", tmp_path / "teacher_at_4")
 
     resumed = run(pretrain_command("python", *arguments, "--output", str(moved)), run_env)
     assert "saved on 2 ranks; resuming on 1 from its universal form" in resumed.stderr
