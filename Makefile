@@ -40,5 +40,13 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Local services for one person (Prefect server + workers, MLflow server; state in outputs/services/).
+.PHONY: up down
+up: install
+	$(PYTHON) -m flows.services up
+
+down:
+	$(PYTHON) -m flows.services down
+
 clean:
 	rm -rf outputs .pytest_cache
