@@ -1,8 +1,9 @@
 """Self-dedup and relative dedup on a k-NN graph (paper appendix A.2-A.3).
 
 Self-dedup links every image to those of its k nearest neighbours (k = 64) whose cosine exceeds the
-threshold, takes the connected components and keeps one image per component: the first in manifest
-order, so the result does not depend on the search backend's tie order. Relative dedup builds the same
+threshold, takes the connected components and keeps one image per component: the first in a given
+preference order (the stage ranks the best copy first, ``representatives.py``; by default manifest
+order), so the result does not depend on the search backend's tie order. Relative dedup builds the same
 graph over pool + evaluation images and drops every pool image whose component holds an evaluation
 image, so a chain of near-copies cannot smuggle a test image into pretraining.
 """
@@ -70,12 +71,19 @@ def self_dedup(
     kind: IndexKind = "auto",
     placement: Placement = "auto",
     nprobe: int | None = None,
+    preference: np.ndarray | None = None,
 ) -> SelfDedup:
+    """Components of the k-NN graph; ``preference[i]`` ranks image i (0 = best), the best of each is kept."""
     vectors = check_vectors(vectors, "embeddings")
-    k = min(k, len(vectors)) if len(vectors) > 1 else 2
-    labels = connected_components(len(vectors), knn_edges(vectors, k, threshold, kind, placement, nprobe))
-    keep = labels == np.arange(len(vectors))
-    return SelfDedup(labels, keep)
+    n = len(vectors)
+    preference = np.arange(n) if preference is None else np.asarray(preference, dtype=np.int64)
+    if preference.shape != (n,) or len(np.unique(preference)) != n:
+        raise ValueError(f"preference must rank the {n} images with {n} distinct numbers, got shape {preference.shape}")
+    k = min(k, n) if n > 1 else 2
+    labels = connected_components(n, knn_edges(vectors, k, threshold, kind, placement, nprobe))
+    best = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(best, labels, preference)
+    return SelfDedup(labels, preference == best[labels])
 
 
 def relative_dedup(

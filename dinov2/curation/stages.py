@@ -22,6 +22,7 @@ from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans
 from dinov2.curation.manifest import build_manifest, read_manifest, write_table_atomically
 from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
 from dinov2.curation.report import cluster_share_plot, image_grid, write_json
+from dinov2.curation.representatives import kept_reason, preference_order
 from dinov2.curation.retrieval import assign_to_centroids, cluster_based, cluster_pool, sample_based
 
 
@@ -72,8 +73,15 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
     evaluation = [load_embeddings(folder, expected_dim=pool.dim) for folder in eval_dirs]
     self_threshold = _threshold(params.self_threshold, pool, "self")
     relative_threshold = _threshold(params.relative_threshold, pool, "relative")
+    manifest = pool.manifest
+    pixels = np.asarray(manifest.column("width").to_numpy(), dtype=np.int64) * manifest.column("height").to_numpy()
+    size_bytes = manifest.column("size_bytes").to_numpy()
+    paths = manifest.column("path").to_pylist()
+    preference = preference_order(pixels, size_bytes, paths)
     with output_folder(out) as folder:
-        result = self_dedup(pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe)
+        result = self_dedup(
+            pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe, preference
+        )
         kept_rows = np.flatnonzero(result.keep)
         clean = relative_dedup(
             pool.vectors[kept_rows],
@@ -86,24 +94,32 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         )
         final_rows = kept_rows[clean]
         ids = np.asarray(pool.ids, dtype=object)
-        write_table_atomically(pool.manifest.take(pa.array(final_rows)), folder / "kept.parquet")
-        groups = result.groups()
+        write_table_atomically(manifest.take(pa.array(final_rows)), folder / "kept.parquet")
+        # Each group best copy first: the kept image leads its rows in the table and in the grid.
+        groups = [members[np.argsort(preference[members], kind="stable")] for members in result.groups()]
+        reasons = [kept_reason(members, preference, pixels, size_bytes) for members in groups]
         group_table = pa.table(
             {
                 "id": [ids[row] for members in groups for row in members],
                 "representative": [ids[members[0]] for members in groups for _ in members],
+                "kept": [bool(row == members[0]) for members in groups for row in members],
                 "group_size": [len(members) for members in groups for _ in members],
+                "pixels": pa.array([pixels[row] for members in groups for row in members], pa.int64()),
+                "size_bytes": pa.array([size_bytes[row] for members in groups for row in members], pa.int64()),
+                "kept_reason": [reason for members, reason in zip(groups, reasons, strict=True) for _ in members],
             }
         )
         write_table_atomically(group_table, folder / "duplicate_groups.parquet")
         removed = pa.table({"id": [ids[row] for row in kept_rows[~clean]]})
         write_table_atomically(removed, folder / "eval_leaks.parquet")
-        paths = pool.manifest.column("path").to_pylist()
         shown = [[paths[row] for row in members[:8]] for members in groups[: params.report_groups]]
         image_grid(shown).save(folder / "plots" / "duplicate_groups.png")
         counts = result.counts()
         metrics = {
             "dedup/pool_images": counts["images"],
+            "dedup/kept_most_pixels": reasons.count("most_pixels"),
+            "dedup/kept_largest_file": reasons.count("largest_file"),
+            "dedup/kept_first_path": reasons.count("first_path"),
             "dedup/self_removed": counts["removed"],
             "dedup/duplicate_groups": counts["duplicate_groups"],
             "dedup/largest_group": counts["largest_group"],
