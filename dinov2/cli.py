@@ -91,7 +91,7 @@ def run() -> None:
     try:
         app()
     except USER_ERRORS as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -106,3 +106,7 @@ _register_train(app)
 from dinov2.eval.commands import register as _register_eval  # noqa: E402
 
 _register_eval(app)
+
+from dinov2.distill.commands import register as _register_distill  # noqa: E402
+
+_register_distill(app)

@@ -6,10 +6,16 @@ from pydantic import Field, field_validator, model_validator
 
 from dinov2.configuration import Section
 from dinov2.curation.views import parse_views
+from dinov2.data.images import DEFAULT_MAX_PIXELS
 
 
 class PrepareParams(Section):
     labels_from_folders: bool = Field(True, description="Label = name of the image's parent folder.")
+    max_pixels: int | None = Field(
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Larger JPEGs are checked at 1/2-1/8 scale, other larger images recorded as unreadable.",
+    )
 
 
 class EmbedParams(Section):
@@ -17,7 +23,13 @@ class EmbedParams(Section):
     weights: str | None = None
     crop_size: int = Field(224, ge=1)
     batch_size: int = Field(64, ge=1)
-    shard_size: int = Field(10_000, ge=1)
+    shard_size: int = Field(10_000, ge=1, description="Images per .npy shard (the unit of resume); no memory cost.")
+    num_workers: int = Field(2, ge=0, description="DataLoader processes that decode images; 0 decodes in-process.")
+    max_pixels: int | None = Field(
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Larger JPEGs are decoded at 1/2-1/8 scale, other larger images skipped (unreadable.parquet).",
+    )
     device: str | None = Field(None, description="cpu, cuda, cuda:1; the GPU when there is one if unset.")
     # Query-side augmentation of copy detection (views.py): each image of an EVALUATION manifest is also
     # embedded as these crops, and relative dedup removes pool images near any of them, so cropped

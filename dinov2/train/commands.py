@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for teacher kNN."),
         dry_run: bool = typer.Option(False, help="Size the recipe (params, FLOPs, memory per GPU) without training."),
+        as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
         from dinov2.train.config import load_recipe
@@ -26,7 +27,14 @@ def register(app: typer.Typer) -> None:
 
         resolved = load_recipe(recipe, override)
         if dry_run:
-            print_dry_run(resolved)
+            from dinov2.train.dry_run import dry_run_report
+
+            report = dry_run_report(resolved)
+            headline = (
+                f"recipe [bold]{report['recipe']}[/]: student {report['student_parameters']:,} parameters "
+                f"(backbone {report['backbone_parameters']:,}), teacher {report['teacher_parameters']:,}"
+            )
+            print_dry_run(report, headline, as_json)
             return
         if data is None:
             raise typer.BadParameter("--data is required to train", param_hint="--data")
@@ -40,19 +48,19 @@ def register(app: typer.Typer) -> None:
         _exit_cleanly()
 
 
-def print_dry_run(recipe) -> None:
+def print_dry_run(report: dict, headline: str, as_json: bool) -> None:
+    """The plan as JSON, or as a headline, a memory table per GPU count and ZeRO stage, and the config."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from dinov2.train.dry_run import dry_run_report
-
-    report = dry_run_report(recipe)
     console = Console()
     console.print(
-        f"recipe [bold]{report['recipe']}[/]: student {report['student_parameters']:,} parameters "
-        f"(backbone {report['backbone_parameters']:,}), teacher {report['teacher_parameters']:,}; "
-        f"{report['training_gflops_per_image']:,} GFLOPs per image per step; {report['total_training_flops']} FLOPs "
-        f"in all = {report['a100_hours_at_mfu']['hours']:,} A100-hours at {report['a100_hours_at_mfu']['mfu']:.0%} MFU"
+        f"{headline}; {report['training_gflops_per_image']:,} GFLOPs per image per step; "
+        f"{report['total_training_flops']} FLOPs in all = {report['a100_hours_at_mfu']['hours']:,} A100-hours "
+        f"at {report['a100_hours_at_mfu']['mfu']:.0%} MFU"
     )
     table = Table("GPUs", "images/GPU", "ZeRO-0 GiB", "ZeRO-1 GiB", "ZeRO-2 GiB", "ZeRO-3 GiB", title="memory per GPU")
     for gpus, row in report["memory_per_gpu"].items():

@@ -7,7 +7,7 @@ run resumes on any world size), ``train.iterations_per_epoch`` replaces OFFICIAL
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -157,6 +157,9 @@ class Recipe(Section):
         return self.optim.epochs * self.train.iterations_per_epoch
 
 
+RecipeT = TypeVar("RecipeT", bound=Recipe)
+
+
 def resolve_recipe_path(recipe: str | Path) -> Path:
     """A path, or the name of a file in configs/train/ (``vitg14`` -> configs/train/vitg14.yaml)."""
     path = Path(recipe)
@@ -182,8 +185,8 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Default <- recipe delta <- command-line overrides, validated as a whole."""
+def load_recipe(recipe: str | Path, overrides: list[str] | None = None, schema: type[RecipeT] = Recipe) -> RecipeT:
+    """Default <- recipe delta <- command-line overrides, validated as a whole against ``schema``."""
     path = resolve_recipe_path(recipe)
     data = read_yaml(DEFAULT_RECIPE)
     if path.resolve() != DEFAULT_RECIPE.resolve():
@@ -193,4 +196,4 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
             data["name"] = path.stem
     for override in overrides or []:
         data = merge(data, parse_override(override))
-    return validate(Recipe, data, str(path) + (f" with overrides {overrides}" if overrides else ""))
+    return validate(schema, data, str(path) + (f" with overrides {overrides}" if overrides else ""))

@@ -27,17 +27,26 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def backbone_forward_flops(recipe: Recipe, image_size: int, width: int, depth: int) -> float:
-    student = recipe.student
-    tokens = (image_size // student.patch_size) ** 2 + 1 + student.num_register_tokens
-    hidden = 4 * width
-    if student.ffn_layer in ("swiglu", "swiglufused"):
+def backbone_forward_flops(config: dict, image_size: int) -> float:
+    """Forward FLOPs of one image through a backbone described by its ``config`` (DinoVisionTransformer's)."""
+    width, depth, patch = config["embed_dim"], config["depth"], config["patch_size"]
+    tokens = (image_size // patch) ** 2 + 1 + config["num_register_tokens"]
+    hidden = int(config["mlp_ratio"] * width)
+    if config["ffn_layer"] in ("swiglu", "swiglufused"):
         ffn_macs = tokens * width * 3 * swiglu_hidden_dim(hidden)
     else:
         ffn_macs = tokens * width * 2 * hidden
     attention_macs = 4 * tokens * width * width + 2 * tokens * tokens * width
-    patch_macs = (tokens - 1) * 3 * student.patch_size**2 * width
+    patch_macs = (tokens - 1) * 3 * patch**2 * width
     return 2.0 * (depth * (attention_macs + ffn_macs) + patch_macs)
+
+
+def activation_bytes(config: dict, crops) -> float:
+    """Activations kept for the backward of one image's crops (2 global + the locals), no recomputation."""
+    patch = config["patch_size"]
+    tokens = 2 * ((crops.global_crops_size // patch) ** 2 + 1)
+    tokens += crops.local_crops_number * ((crops.local_crops_size // patch) ** 2 + 1)
+    return _ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * config["embed_dim"] * config["depth"]
 
 
 def head_flops(head: torch.nn.Module) -> float:
@@ -51,8 +60,11 @@ class Budget:
     backbone_parameters: int
     flops_per_image: float
     activation_bytes_per_image: float
+    replicated_parameters: int = 0  # frozen weights outside DeepSpeed (a distillation teacher): whole on every GPU
 
     def memory_gib(self, zero_stage: int, gpus: int, images_per_gpu: int) -> float:
+        """``student_parameters`` are trained (fp32 weights, gradients, two AdamW moments); the
+        ``teacher_parameters`` are EMAs inside the DeepSpeed module (fp32, partitioned under ZeRO-3)."""
         student, teacher = self.student_parameters, self.teacher_parameters
         weights, gradients, moments = 4 * student, 4 * student, 8 * student
         if zero_stage >= 1:
@@ -62,17 +74,17 @@ class Budget:
         if zero_stage >= 3:
             weights /= gpus
             teacher = teacher / gpus
-        total = weights + gradients + moments + 4 * teacher + self.activation_bytes_per_image * images_per_gpu
-        return total / 2**30
+        total = weights + gradients + moments + 4 * teacher + 4 * self.replicated_parameters
+        return (total + self.activation_bytes_per_image * images_per_gpu) / 2**30
 
 
 def budget(recipe: Recipe) -> Budget:
     with torch.device("meta"):
         meta = SSLMetaArch(recipe)
     crops = recipe.crops
-    width, depth = meta.student.backbone.embed_dim, meta.student.backbone.n_blocks
-    global_forward = backbone_forward_flops(recipe, crops.global_crops_size, width, depth)
-    local_forward = backbone_forward_flops(recipe, crops.local_crops_size, width, depth)
+    config = meta.student.backbone.config
+    global_forward = backbone_forward_flops(config, crops.global_crops_size)
+    local_forward = backbone_forward_flops(config, crops.local_crops_size)
     student_forward = 2 * global_forward + crops.local_crops_number * local_forward
     n_cls = 2 + crops.local_crops_number
     masked_patches = recipe.ibot.mask_sample_probability * sum(recipe.ibot.mask_ratio_min_max) / 2
@@ -80,40 +92,47 @@ def budget(recipe: Recipe) -> Budget:
     ibot_head = meta.student["ibot_head"] if "ibot_head" in meta.student else meta.student["dino_head"]
     student_heads = n_cls * head_flops(meta.student["dino_head"]) + masked_patches * head_flops(ibot_head)
     teacher = 2 * global_forward + 2 * head_flops(meta.teacher["dino_head"]) + masked_patches * head_flops(ibot_head)
-    tokens = 2 * ((crops.global_crops_size // recipe.student.patch_size) ** 2 + 1)
-    tokens += crops.local_crops_number * ((crops.local_crops_size // recipe.student.patch_size) ** 2 + 1)
     return Budget(
         student_parameters=count(meta.student),
         teacher_parameters=count(meta.teacher),
         backbone_parameters=count(meta.student.backbone),
         flops_per_image=3 * (student_forward + student_heads) + teacher,
-        activation_bytes_per_image=_ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * width * depth,
+        activation_bytes_per_image=activation_bytes(config, crops),
     )
 
 
-def dry_run_report(recipe: Recipe, gpus: tuple[int, ...] = GPU_COUNTS, assumed_mfu: float = 0.4) -> dict:
-    result = budget(recipe)
-    total_flops = result.flops_per_image * recipe.train.batch_size * recipe.total_iterations
+def memory_table(result: Budget, batch_size: int, gpus: tuple[int, ...] = GPU_COUNTS) -> dict[int, dict]:
+    """GiB per GPU for each ZeRO stage, for every GPU count that divides the batch."""
     table = {}
     for n_gpus in gpus:
-        if recipe.train.batch_size % n_gpus:
+        if batch_size % n_gpus:
             continue
-        images_per_gpu = recipe.train.batch_size // n_gpus
+        images_per_gpu = batch_size // n_gpus
         table[n_gpus] = {
             "images_per_gpu": images_per_gpu,
             **{f"zero{stage}_gib": round(result.memory_gib(stage, n_gpus, images_per_gpu), 1) for stage in range(4)},
         }
+    return table
+
+
+def compute_summary(result: Budget, recipe: Recipe, assumed_mfu: float = 0.4) -> dict:
+    total_flops = result.flops_per_image * recipe.train.batch_size * recipe.total_iterations
+    return {
+        "training_gflops_per_image": round(result.flops_per_image / 1e9, 1),
+        "total_training_flops": f"{total_flops:.3e}",
+        "a100_hours_at_mfu": {"mfu": assumed_mfu, "hours": round(total_flops / (A100_BF16_PEAK * assumed_mfu) / 3600)},
+    }
+
+
+def dry_run_report(recipe: Recipe, gpus: tuple[int, ...] = GPU_COUNTS, assumed_mfu: float = 0.4) -> dict:
+    result = budget(recipe)
+    table = memory_table(result, recipe.train.batch_size, gpus)
     return {
         "recipe": recipe.name,
         "student_parameters": result.student_parameters,
         "backbone_parameters": result.backbone_parameters,
         "teacher_parameters": result.teacher_parameters,
-        "training_gflops_per_image": round(result.flops_per_image / 1e9, 1),
-        "total_training_flops": f"{total_flops:.3e}",
-        "a100_hours_at_mfu": {
-            "mfu": assumed_mfu,
-            "hours": round(total_flops / (A100_BF16_PEAK * assumed_mfu) / 3600),
-        },
+        **compute_summary(result, recipe, assumed_mfu),
         "memory_per_gpu": table,
         "deepspeed_config": deepspeed_config(recipe, max(table) if table else 1),
     }

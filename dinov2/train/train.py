@@ -43,7 +43,7 @@ from dinov2.train.teacher import export_models, load_ema_state, save_ema_state, 
 logger = logging.getLogger(__name__)
 
 _ITERATION_RNG_STREAM = 2
-EMA_STATE_FILE = "teacher_and_centers.safetensors"
+EMA_STATE_FILE = "ema_and_centers.safetensors"
 LOG_EVERY = 10  # iterations between log lines (the progress bar shows every one on a terminal)
 
 

@@ -1,0 +1,123 @@
+"""``distill()``: check the teacher against the recipe, fit heads when the teacher has none, then run
+the training engine with the distillation objective."""
+
+import logging
+from datetime import date
+from pathlib import Path
+
+from dinov2.configuration import validate
+from dinov2.distill.config import DistillRecipe
+from dinov2.distill.meta_arch import DistillMetaArch
+from dinov2.distill.teacher import TeacherError, TeacherSpec, inspect_teacher, load_teacher
+from dinov2.train.config import Recipe
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.train import RunResult, Tracking, run_training
+
+logger = logging.getLogger(__name__)
+
+HEAD_FITTING_FOLDER = "head_fitting"
+
+
+def check_token_grids(recipe: DistillRecipe, spec: TeacherSpec) -> None:
+    """iBOT pairs every student patch token with the teacher's token at the same place: the global crops
+    must cut both into the same grid."""
+    size = recipe.crops.global_crops_size
+    teacher_patch = spec.config["patch_size"]
+    if size % teacher_patch:
+        raise TeacherError(
+            f"crops.global_crops_size {size} is not a multiple of the teacher's patch size {teacher_patch}"
+        )
+    for name, student in recipe.student_sections().items():
+        if size // student.patch_size != size // teacher_patch:
+            raise TeacherError(
+                f"token grids do not line up: on {size} px global crops the teacher (patch {teacher_patch}) sees "
+                f"{size // teacher_patch}x{size // teacher_patch} patches but student {name!r} (patch "
+                f"{student.patch_size}) sees {size // student.patch_size}x{size // student.patch_size}; "
+                f"give the student patch_size {teacher_patch}"
+            )
+
+
+def head_fitting_recipe(recipe: DistillRecipe, spec: TeacherSpec) -> Recipe:
+    """The recipe's pretraining objective with its schedules compressed into ``head_fitting.iterations``
+    (every ``*_epochs`` key keeps its fraction of the run), heads sized by the recipe."""
+    fitting = recipe.distillation.head_fitting
+    data = recipe.model_dump(mode="json", exclude={"distillation"})
+    fraction = 1.0 / recipe.optim.epochs
+    data["name"] = f"{recipe.name}-head-fitting"
+    data["train"]["iterations_per_epoch"] = fitting.iterations
+    optim = data["optim"]
+    optim.update(
+        epochs=1, base_lr=fitting.base_lr or optim["base_lr"], warmup_epochs=optim["warmup_epochs"] * fraction,
+        freeze_last_layer_epochs=optim["freeze_last_layer_epochs"] * fraction,
+    )  # fmt: skip
+    data["teacher"]["warmup_teacher_temp_epochs"] *= fraction
+    config = spec.config
+    data["student"] = {
+        "arch": "custom", "embed_dim": config["embed_dim"], "depth": config["depth"], "num_heads": config["num_heads"],
+        "patch_size": config["patch_size"], "img_size": config["img_size"], "drop_path_rate": 0.0,
+    }  # fmt: skip
+    data["checkpoint"]["every_n_iterations"] = min(data["checkpoint"]["every_n_iterations"], fitting.iterations)
+    data["checkpoint"]["export_every_n_iterations"] = fitting.iterations
+    data["evaluation"]["knn_dataset"] = None
+    return validate(Recipe, data, "head fitting")
+
+
+def fit_heads(recipe: DistillRecipe, spec: TeacherSpec, data: str | Path, output_dir: Path) -> TeacherSpec:
+    """Train DINO/iBOT heads on the frozen teacher backbone (its own targets) and return the teacher
+    with them. Resumable like any run; skipped when its export already exists."""
+    folder = output_dir / HEAD_FITTING_FOLDER
+    heads = folder / "teacher" / "heads.safetensors"
+    if not heads.is_file():
+        fitting = head_fitting_recipe(recipe, spec)
+        backbone = load_teacher(spec)["backbone"]
+        logger.info("teacher %s has no heads: fitting them for %d iterations", spec.source, fitting.total_iterations)
+        tracking = Tracking(
+            stage="distill", run_name=f"{recipe.name} head fitting {date.today().isoformat()}",
+            tags={**spec.identity(), "dinov2.phase": "head_fitting"},
+        )  # fmt: skip
+        run_training(lambda: SSLMetaArch(fitting, frozen_backbone=backbone), fitting, data, folder, tracking)
+    fitted = inspect_teacher(str(folder / "teacher"))
+    # the original backbone file stays the teacher's identity; the fitted heads join it
+    spec.heads_file, spec.heads = fitted.heads_file, fitted.heads
+    return spec
+
+
+def distill(
+    recipe: DistillRecipe,
+    data: str | Path,
+    output_dir: str | Path,
+    max_iterations: int | None = None,
+    knn_data: str | Path | None = None,
+) -> RunResult:
+    """Distil the recipe's teacher into its students (or resume), until the last iteration or
+    ``max_iterations`` more."""
+    output_dir = Path(output_dir)
+    distillation = recipe.distillation
+    spec = inspect_teacher(distillation.teacher, distillation.teacher_weights)
+    check_token_grids(recipe, spec)
+    if not spec.has_heads:
+        if distillation.head_fitting.iterations == 0:
+            raise TeacherError(
+                f"teacher {spec.source} has no DINO/iBOT heads and distillation.head_fitting.iterations is 0: "
+                "give a teacher exported with heads (a pretraining run's teacher/ folder) or enable head fitting"
+            )
+        spec = fit_heads(recipe, spec, data, output_dir)
+    teacher = load_teacher(spec)
+    tracking = Tracking(
+        stage="distill", run_name=f"{recipe.name} {date.today().isoformat()}", tags=spec.identity(),
+        params={"distill.teacher_architecture": spec.config},
+    )  # fmt: skip
+    return run_training(
+        lambda: DistillMetaArch(recipe, teacher), recipe, data, output_dir, tracking, max_iterations=max_iterations,
+        knn_data=knn_data, collate=no_mask_collate(recipe),
+    )  # fmt: skip
+
+
+def no_mask_collate(recipe: Recipe):
+    """Students see every patch: batches without iBOT masks."""
+    from functools import partial
+
+    from dinov2.data.collate import collate_data_and_cast
+
+    grid = recipe.crops.global_crops_size // recipe.student.patch_size
+    return partial(collate_data_and_cast, mask_probability=0.0, n_tokens=grid * grid)

@@ -1,0 +1,203 @@
+"""The frozen distillation teacher: where it comes from, what it is, and its heads.
+
+A teacher is one of
+- a pretraining run's export folder, ``RUN/teacher/`` (``backbone.safetensors`` + ``heads.safetensors``),
+  or the ``backbone.safetensors`` inside it (its ``heads.safetensors`` sibling is used when present);
+- any ``.safetensors`` written by ``dinov2 export`` (architecture in its metadata, no heads);
+- a torch.hub name such as ``dinov2_vitg14`` with ``weights`` (the released weights by default), or a
+  ``.pth`` checkpoint path or URL whose architecture is read from its tensor shapes (no heads).
+``inspect_teacher`` reads only headers and shapes (a dry run sizes ViT-g without loading it);
+``load_teacher`` builds the modules. The identity (source, sha256 of the files) tags every run.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinov2.hub.checkpoints import CheckpointError
+from dinov2.layers.dino_head import DINOHead
+from dinov2.models import DinoVisionTransformer
+
+HEAD_NAMES = ("dino_head", "ibot_head")
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be used: missing, not a backbone, or without the heads distillation needs."""
+
+
+@dataclass
+class HeadShape:
+    in_dim: int
+    hidden_dim: int
+    bottleneck_dim: int
+    n_prototypes: int
+    nlayers: int
+
+    def build(self) -> DINOHead:
+        return DINOHead(
+            self.in_dim, self.n_prototypes, nlayers=self.nlayers, hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+        )  # fmt: skip
+
+
+@dataclass
+class TeacherSpec:
+    source: str
+    config: dict  # DinoVisionTransformer constructor arguments
+    backbone_file: Path | None = None
+    hub_name: str | None = None  # a torch.hub backbone, loaded with ``weights``
+    weights: str | None = None
+    heads_file: Path | None = None
+    heads: dict[str, HeadShape] = field(default_factory=dict)
+
+    @property
+    def has_heads(self) -> bool:
+        return "dino_head" in self.heads
+
+    def grid(self, crop_size: int) -> int:
+        return crop_size // self.config["patch_size"]
+
+    def identity(self) -> dict[str, str]:
+        files = [path for path in (self.backbone_file, self.heads_file) if path is not None]
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        return {
+            "dinov2.teacher": self.source,
+            "dinov2.teacher_sha256": digest.hexdigest() if files else f"weights:{self.weights}",
+        }
+
+
+def _head_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, HeadShape]:
+    heads = {}
+    for name in HEAD_NAMES:
+        prototypes = shapes.get(f"{name}.last_layer.weight_v")
+        if prototypes is None:
+            continue
+        layers = sorted(
+            (int(match.group(1)), shape)
+            for key, shape in shapes.items()
+            if (match := re.fullmatch(rf"{name}\.mlp\.(\d+)\.weight", key))
+        )
+        if not layers and f"{name}.mlp.weight" in shapes:
+            layers = [(0, shapes[f"{name}.mlp.weight"])]
+        if not layers:
+            raise TeacherError(f"{name} in the heads file has a last layer but no MLP weights")
+        first, last = layers[0][1], layers[-1][1]
+        heads[name] = HeadShape(
+            in_dim=first[1], hidden_dim=first[0] if len(layers) > 1 else last[0], bottleneck_dim=prototypes[1],
+            n_prototypes=prototypes[0], nlayers=len(layers),
+        )  # fmt: skip
+    return heads
+
+
+def _safetensors_shapes(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:
+        raise TeacherError(f"teacher {path} is not a readable safetensors file ({error})") from None
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> dict:
+    """The architecture of a released-layout backbone checkpoint, read from its tensor shapes."""
+    from dinov2.hub.checkpoints import to_backbone_keys
+
+    keys = to_backbone_keys(state_dict)
+    if "patch_embed.proj.weight" not in keys or "pos_embed" not in keys:
+        raise TeacherError(f"teacher {source} is not a ViT backbone checkpoint (no patch embedding / pos_embed)")
+    embed_dim, _, patch_size, _ = keys["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(key.split(".")[1]) for key in keys if key.startswith("blocks."))
+    registers = keys["register_tokens"].shape[1] if "register_tokens" in keys else 0
+    grid = round((keys["pos_embed"].shape[1] - 1) ** 0.5)
+    swiglu = "blocks.0.mlp.w12.weight" in keys
+    hidden = keys["blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0]
+    return {
+        "img_size": grid * patch_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
+        "num_heads": embed_dim // 64, "ffn_layer": "swiglufused" if swiglu else "mlp",
+        "mlp_ratio": 4.0 if swiglu else hidden / embed_dim, "num_register_tokens": registers,
+        "init_values": 1.0, "interpolate_antialias": bool(registers), "interpolate_offset": 0.0 if registers else 0.1,
+    }  # fmt: skip
+
+
+def inspect_teacher(source: str | None, weights: str | None = None) -> TeacherSpec:
+    """What the teacher is, from headers and shapes only; errors name the source."""
+    from dinov2.hub import ENTRY_POINTS, create
+    from dinov2.hub.export import BACKBONE_FORMAT, CONFIG_KEY, FORMAT_KEY
+
+    if not source:
+        raise TeacherError("no teacher: set distillation.teacher in the recipe or pass --teacher")
+    if source in ENTRY_POINTS:
+        with torch.device("meta"):
+            model = create(source, pretrained=False)
+        if not isinstance(model, DinoVisionTransformer):
+            raise TeacherError(f"teacher {source} is a classifier; name its backbone (e.g. dinov2_vitg14)")
+        weights = weights or "LVD142M"
+        local = Path(weights) if "://" not in weights and weights != "LVD142M" else None
+        if local is not None and not local.is_file():
+            raise TeacherError(f"teacher weights {weights} do not exist (a checkpoint path, a URL or LVD142M)")
+        config = dict(model.config)
+        return TeacherSpec(source=source, config=config, hub_name=source, weights=weights, backbone_file=local)
+    path = Path(source)
+    if "://" not in source and not path.exists():
+        raise TeacherError(f"teacher {source} does not exist (expected a run's teacher/ folder, a .safetensors "
+                           f"backbone, a torch.hub name such as dinov2_vitg14, or a .pth checkpoint)")  # fmt: skip
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+        if not path.is_file():
+            raise TeacherError(f"teacher folder {source} has no backbone.safetensors")
+    if path.suffix == ".safetensors":
+        header, _ = _safetensors_shapes(path)
+        if header.get(FORMAT_KEY) != BACKBONE_FORMAT or CONFIG_KEY not in header:
+            raise TeacherError(
+                f"teacher {path} is not a DINOv2 backbone (no architecture metadata; "
+                f"format {header.get(FORMAT_KEY)!r}): write it with `dinov2 export` or a training run"
+            )
+        spec = TeacherSpec(source=source, config=json.loads(header[CONFIG_KEY]), backbone_file=path)
+        heads_file = path.with_name("heads.safetensors")
+        if heads_file.is_file():
+            _, shapes = _safetensors_shapes(heads_file)
+            spec.heads_file, spec.heads = heads_file, _head_shapes(shapes)
+        return spec
+    from dinov2.hub.checkpoints import read_state_dict
+
+    try:
+        state_dict = read_state_dict(source)
+    except CheckpointError as error:
+        raise TeacherError(f"teacher {source}: {error}") from None
+    local = Path(source) if "://" not in source else None
+    return TeacherSpec(source=source, config=config_from_state_dict(state_dict, source), backbone_file=local)
+
+
+def load_teacher(spec: TeacherSpec) -> nn.ModuleDict:
+    """The teacher as ``ModuleDict(backbone, dino_head[, ibot_head])`` (heads only if the source has them)."""
+    from safetensors.torch import load_file
+
+    from dinov2.hub import create
+    from dinov2.hub.checkpoints import load_backbone_weights, load_state_dict_strict, to_backbone_keys
+
+    if spec.hub_name is not None:
+        backbone = create(spec.hub_name, pretrained=True, weights=spec.weights)
+    elif spec.backbone_file is not None and spec.backbone_file.suffix == ".safetensors":
+        backbone = DinoVisionTransformer(**spec.config)
+        load_state_dict_strict(backbone, to_backbone_keys(load_file(str(spec.backbone_file))), spec.source)
+    else:
+        backbone = load_backbone_weights(DinoVisionTransformer(**spec.config), spec.source)
+    modules: dict[str, nn.Module] = {"backbone": backbone}
+    if spec.heads_file is not None:
+        saved = load_file(str(spec.heads_file))
+        for name, shape in spec.heads.items():
+            prefix = f"{name}."
+            head_state = {key.removeprefix(prefix): value for key, value in saved.items() if key.startswith(prefix)}
+            modules[name] = shape.build()
+            load_state_dict_strict(modules[name], head_state, str(spec.heads_file))
+    return nn.ModuleDict(modules)
