@@ -62,6 +62,23 @@ def photo_batch(photos):
     return batch
 
 
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Class-balanced Fashion-MNIST ImageFolder trees (`<root>/{train,test}/<class>/*.png`, grey 28x28),
+    the first `train_per_class` / `test_per_class` of every class in a seeded order; written once per size."""
+    from dinov2.data.fashion_mnist import write_image_folder
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def build(train_per_class: int, test_per_class: int) -> Path:
+        if (train_per_class, test_per_class) not in made:
+            out = tmp_path_factory.mktemp("fashion_mnist") / f"{train_per_class}_{test_per_class}"
+            made[(train_per_class, test_per_class)] = write_image_folder(out, train_per_class, test_per_class)
+        return made[(train_per_class, test_per_class)]
+
+    return build
+
+
 SHARED_DATASETS = Path(
     os.environ.get("DINOV2_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )

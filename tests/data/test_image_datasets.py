@@ -11,14 +11,16 @@ from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
 
 
-def test_cifar10_folder_has_ten_classes_of_a_thousand(cifar10_root):
-    dataset = ImageFolderDataset(cifar10_root / "test")
-    assert len(dataset) == 10_000
-    assert dataset.classes[:3] == ["airplane", "automobile", "bird"] and len(dataset.classes) == 10
-    assert Counter(dataset.labels) == {label: 1000 for label in range(10)}
+def test_a_fashion_mnist_folder_has_ten_classes_and_its_grey_images_read_as_rgb(image_folder):
+    dataset = ImageFolderDataset(image_folder(20, 10) / "test")
+    assert len(dataset) == 100
+    assert dataset.classes[:3] == ["ankle_boot", "bag", "coat"] and len(dataset.classes) == 10
+    assert Counter(dataset.labels) == {label: 10 for label in range(10)}
     image, label = dataset[0]
-    assert image.size == (32, 32) and image.mode == "RGB" and label == 0
-    assert dataset[9999][1] == 9
+    assert image.size == (28, 28) and image.mode == "RGB" and label == 0
+    red, green, blue = image.split()
+    assert red.tobytes() == green.tobytes() == blue.tobytes() == Image.open(dataset.paths[0]).tobytes()
+    assert dataset[99][1] == 9
 
 
 def test_bad_files_are_skipped_counted_and_logged(folder_with_bad_files, caplog):

@@ -16,8 +16,8 @@ TENSOR_KEYS = ("collated_global_crops", "collated_local_crops", "collated_masks"
                "n_masked_patches")  # fmt: skip
 
 
-def cifar_dataset(root) -> ImageFolderDataset:
-    # 32 px CIFAR images: global crops 32 and 2 local crops 16, as for a patch-4 tiny ViT (8x8 grid).
+def multicrop_dataset(root) -> ImageFolderDataset:
+    # 28 px Fashion-MNIST images: global crops 32 and 2 local crops 16, as for a patch-4 tiny ViT (8x8 grid).
     augmentation = DataAugmentationDINO(local_crops_number=2, global_crops_size=32, local_crops_size=16)
     return ImageFolderDataset(root, transform=augmentation)
 
@@ -41,8 +41,8 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-def test_resumed_run_reproduces_the_uninterrupted_batches_bitwise(cifar10_root):
-    dataset = cifar_dataset(cifar10_root / "test")
+def test_resumed_run_reproduces_the_uninterrupted_batches_bitwise(image_folder):
+    dataset = multicrop_dataset(image_folder(20, 10) / "test")
     uninterrupted = list(islice(loader(dataset, 4), 6))
     assert [b["step"] for b in uninterrupted] == [0, 1, 2, 3, 4, 5]
     assert uninterrupted[0]["collated_global_crops"].shape == (8, 3, 32, 32)
@@ -57,8 +57,8 @@ def test_resumed_run_reproduces_the_uninterrupted_batches_bitwise(cifar10_root):
     assert_same_batches(consumed + resumed, uninterrupted)
 
 
-def test_crops_do_not_depend_on_the_world_size(cifar10_root):
-    dataset = cifar_dataset(cifar10_root / "test")
+def test_crops_do_not_depend_on_the_world_size(image_folder):
+    dataset = multicrop_dataset(image_folder(20, 10) / "test")
     whole = next(iter(loader(dataset, 4)))
     # One rank of 4 samples stacks [s0..s3 crop 1, s0..s3 crop 2]; each rank of 2 stacks [its 2 crop 1, its 2 crop 2].
     for rank, rows in ((0, [0, 1, 4, 5]), (1, [2, 3, 6, 7])):
@@ -111,8 +111,8 @@ def test_mismatched_sizes_are_named(folder_with_bad_files):
 
 
 @pytest.mark.slow
-def test_two_workers_give_the_same_batches_as_none(cifar10_root):
-    dataset = cifar_dataset(cifar10_root / "test")
+def test_two_workers_give_the_same_batches_as_none(image_folder):
+    dataset = multicrop_dataset(image_folder(20, 10) / "test")
     in_process = list(islice(loader(dataset, 4), 5))
     with_workers = loader(dataset, 4, num_workers=2)
     from_workers = list(islice(with_workers, 5))

@@ -36,8 +36,8 @@ def test_depth_rmse_abs_rel_and_delta1_of_a_hand_made_prediction():
         depth_metrics(predicted, torch.zeros(4))
 
 
-def test_mosaic_pixels_carry_the_class_of_their_tile(cifar_subset):
-    folder = LabelledImageFolder(cifar_subset(2, 1) / "train")
+def test_mosaic_pixels_carry_the_class_of_their_tile(image_folder):
+    folder = LabelledImageFolder(image_folder(2, 1) / "train")
     mosaics = MosaicSegmentation(folder, n_mosaics=3, tile_transform=make_eval_transform(32, 32), tile_size=32)
     image, labels = mosaics[1]
     assert image.shape == (3, 64, 64) and labels.shape == (64, 64)

@@ -1,4 +1,4 @@
-"""The evaluate stage on real CIFAR-10 images: ordering of baselines, outputs, MLflow, bad input."""
+"""The evaluate stage on real Fashion-MNIST images: ordering of baselines, outputs, MLflow, bad input."""
 
 import json
 import os
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def small_params(root: Path, cache: Path, **overrides) -> dict:
     params = {
-        "dataset": "cifar10",
+        "dataset": "fashion_mnist",
         "train_dir": str(root / "train"),
         "test_dir": str(root / "test"),
         "evaluations": ["knn", "linear", "logreg", "retrieval", "segmentation"],
@@ -37,17 +37,19 @@ def small_params(root: Path, cache: Path, **overrides) -> dict:
     return params
 
 
-def test_raw_pixels_beat_a_random_init_vit_which_sits_at_chance(cifar_subset, tiny_vit, tmp_path):
+def test_raw_pixels_beat_a_random_init_vit_which_sits_at_chance(image_folder, tiny_vit, tmp_path):
     # With LayerScale 1e-5 a random-init ViT's CLS token barely depends on the image: kNN is at chance
-    # (10%). Centred raw pixels carry colour and layout: about 27% on this 1000/500-image slice.
-    root = cifar_subset(100, 50)
+    # (10%). Centred raw pixels carry the garment's silhouette: measured 76.0% (random init 10.4%) on
+    # this 1000/500-image Fashion-MNIST slice.
+    root = image_folder(100, 50)
     params = EvaluateParams(**small_params(root, tmp_path / "cache", evaluations=["knn"]))
     model = tiny_vit()
     random_init = run_suite(params, Backbone("tiny", model, model_fingerprint(model))).metrics["knn_top1_k20"]
     pixels = run_suite(params, load_evaluated_backbone("raw_pixels")).metrics["knn_top1_k20"]
+    print(f"kNN top-1@20: random-init ViT {random_init:.3f}, raw pixels {pixels:.3f}")
     assert random_init < 0.15
-    assert pixels > 0.2
-    assert pixels > random_init + 0.1
+    assert pixels > 0.7
+    assert pixels > random_init + 0.5
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -57,15 +59,15 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(cifar_subset, tiny_vit, tmp_path,
+def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(image_folder, tiny_vit, tmp_path,
                                                                            mlflow_uri):  # fmt: skip
-    root = cifar_subset(20, 10)
+    root = image_folder(20, 10)
     checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": small_params(root, tmp_path / "cache")}))
     args = ("--backbone", str(checkpoint), "--out", "report", "--metrics", "metrics/evaluate.json")
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())["cifar10"]
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())["fashion_mnist"]
     expected_keys = {"knn_top1_k10", "knn_top5_k10", "knn_top1_k20", "knn_top5_k20", "linear_top1", "linear_val_top1",
                      "logreg_top1", "logreg_c", "retrieval_class_map", "retrieval_instance_map",
                      "retrieval_instance_recall_k1", "segmentation_miou", "segmentation_pixel_accuracy"}  # fmt: skip
@@ -80,19 +82,19 @@ def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(cifar
     client = mlflow.MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("dinov2/evaluate")
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.data.metrics["eval/cifar10/knn_top1_k20"] == pytest.approx(metrics["knn_top1_k20"])
-    assert run.data.metrics["eval/cifar10/linear_top1"] == pytest.approx(metrics["linear_top1"])
+    assert run.data.metrics["eval/fashion_mnist/knn_top1_k20"] == pytest.approx(metrics["knn_top1_k20"])
+    assert run.data.metrics["eval/fashion_mnist/linear_top1"] == pytest.approx(metrics["linear_top1"])
 
     second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached
-    assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["cifar10"] == metrics
+    assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["fashion_mnist"] == metrics
 
 
 @pytest.mark.slow
-def test_bad_input_fails_before_work_with_one_clear_line_and_leaves_no_outputs(cifar_subset, tiny_vit, tmp_path,
+def test_bad_input_fails_before_work_with_one_clear_line_and_leaves_no_outputs(image_folder, tiny_vit, tmp_path,
                                                                                 photos):  # fmt: skip
-    root = cifar_subset(20, 10)
+    root = image_folder(20, 10)
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
     photos[0].save(unlabelled / "a.png")
