@@ -337,6 +337,34 @@ def status(settings: ServiceSettings) -> bool:
     return healthy
 
 
+def check_reachable(name: str, variable: str, url: str, health_url: str) -> None:
+    """Raise a one-line ServiceError naming ``url`` when its health endpoint does not answer."""
+    try:
+        with urllib.request.urlopen(health_url, timeout=5):
+            return
+    except urllib.error.HTTPError as error:
+        reason = f"HTTP {error.code} from {health_url}"
+    except (OSError, urllib.error.URLError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise ServiceError(f"{name} at {url} ({variable}) is unreachable: {reason}")
+
+
+def check_tracking_server() -> None:
+    """The MLflow server named by MLFLOW_TRACKING_URI answers (a local SQLite store needs no check)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        check_reachable("MLflow tracking server", "MLFLOW_TRACKING_URI", uri, f"{uri.rstrip('/')}/health")
+
+
+def check_prefect_api() -> None:
+    """The Prefect API named by PREFECT_API_URL (environment or profile) answers; unset, Prefect starts its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        check_reachable("Prefect API", "PREFECT_API_URL", url, f"{url.rstrip('/')}/health")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("up", "down", "status"))

@@ -1,0 +1,14 @@
+"""The ``curate`` flow: the curation stages of the DVC pipeline (prepare, embed, dedup, retrieve), which
+turn an image collection into the curated pretraining manifest."""
+
+from prefect import flow
+
+from flows.pipeline import repro
+
+CURATION_STAGES = ("prepare", "embed", "dedup", "retrieve")
+
+
+@flow(name="curate")
+def curate(stages: list[str] | None = None, retries: int = 1) -> dict[str, dict]:
+    """``dvc repro`` of the curation stages in order (or of the listed ``stages``)."""
+    return repro(list(stages or CURATION_STAGES), retries)
