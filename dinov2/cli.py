@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="DINOv2: curate, pretrain, distill and evaluate self-supervised ViTs.", no_args_is_help=True)
@@ -91,7 +92,8 @@ def run() -> None:
     try:
         app()
     except USER_ERRORS as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        # Escaped: a message such as "params.yaml [dedup]: ..." is text, not rich markup to swallow.
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
