@@ -27,9 +27,19 @@ PAPER_THRESHOLDS = {"self": 0.6, "relative": 0.45}
 
 
 class Embedder(Protocol):
+    """Embedding is split in two so the per-image half runs in DataLoader workers, beside the decoding."""
+
     name: str
     dim: int
     thresholds: dict[str, float]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One image as the tensor ``embed_batch`` takes (runs in a DataLoader worker)."""
+        ...
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, dim) float32, each row of unit norm, from B stacked ``preprocess`` outputs."""
+        ...
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """(len(images), dim) float32, each row of unit norm."""
@@ -42,8 +52,14 @@ class CopyDescriptorEmbedder:
     dim: int = COPY_DESCRIPTOR_DIM
     thresholds: dict[str, float] = field(default_factory=lambda: dict(COPY_DESCRIPTOR_THRESHOLDS))
 
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(copy_descriptor(image))
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        return batch.numpy()
+
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        return np.stack([copy_descriptor(image) for image in images])
+        return self.embed_batch(torch.stack([self.preprocess(image) for image in images]))
 
 
 class BackboneEmbedder:
@@ -57,7 +73,8 @@ class BackboneEmbedder:
         patch_size = getattr(model, "patch_size", 1)
         if crop_size % patch_size:
             raise ValueError(f"crop size {crop_size} is not a multiple of the patch size {patch_size} of {name}")
-        self.transform = make_eval_transform(resize_size=crop_size * 256 // 224, crop_size=crop_size)
+        # A plain transform, not a method: DataLoader workers get it without a reference to the model.
+        self.preprocess = make_eval_transform(resize_size=crop_size * 256 // 224, crop_size=crop_size)
         with torch.inference_mode():
             probe = self._forward(torch.zeros(1, 3, crop_size, crop_size, device=self.device))
         self.dim = int(probe.shape[1])
@@ -68,11 +85,13 @@ class BackboneEmbedder:
             raise ValueError(f"{self.name} must return one (B, D) tensor per batch, got {type(output).__name__}")
         return output
 
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            features = F.normalize(self._forward(pixels).float(), dim=-1)
+            features = F.normalize(self._forward(batch.to(self.device)).float(), dim=-1)
         return features.cpu().numpy()
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        return self.embed_batch(torch.stack([self.preprocess(image) for image in images]))
 
 
 def default_device() -> str:

@@ -7,13 +7,17 @@ Layout of an embedding folder::
     shards/vectors-00003.npy    their L2-normalised fp16 embeddings, written through a memory map
     shards/views-00003.npy      only with views (evaluation sets): (rows, views, dim) fp16 embeddings
                                 of each image's extra views (``views.py``)
+    shards/skipped-00003.parquet  path and reason of every image of shard 3 that was not embedded
+    unreadable.parquet          the skipped images of all shards
     views.json                  the view names the shards were embedded with
     embeddings.json             embedder, dimension, thresholds, views, shard list, counts: written LAST
 
 Shard ``i`` always covers manifest rows ``[i * shard_size, (i + 1) * shard_size)``, so a rerun skips
 every shard already on disk (resume) and, under torchrun, rank ``r`` of ``w`` takes the shards
-``i % w == r``. A shard's vectors are written under a temporary name and renamed when complete; a
-folder without ``embeddings.json`` is incomplete and is refused by ``load_embeddings``.
+``i % w == r``. Images stream through a DataLoader (decoded in worker processes) batch by batch, and a
+shard's vectors are appended to a raw file as they come, so memory does not grow with the shard size;
+the shard's files are written under temporary names and renamed when complete (vectors last). A folder
+without ``embeddings.json`` is incomplete and is refused by ``load_embeddings``.
 """
 
 import json
@@ -26,13 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinov2.curation.embedders import Embedder
-from dinov2.curation.manifest import ManifestError, read_manifest, write_table_atomically
+from dinov2.curation.manifest import UNREADABLE_SCHEMA, ManifestError, read_manifest, write_table_atomically
 from dinov2.curation.views import View, expand, parse_views, views_per_image
-from dinov2.data.images import SkippedImages, try_read_rgb
+from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, try_read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +84,13 @@ def views_path(folder: Path, shard: int) -> Path:
     return folder / "shards" / f"views-{shard:05d}.npy"
 
 
+def skipped_path(folder: Path, shard: int) -> Path:
+    return folder / "shards" / f"skipped-{shard:05d}.parquet"
+
+
 def _shard_done(folder: Path, shard: int, with_views: bool) -> bool:
-    paths = [*shard_paths(folder, shard), *([views_path(folder, shard)] if with_views else [])]
+    paths = [*shard_paths(folder, shard), skipped_path(folder, shard)]
+    paths += [views_path(folder, shard)] if with_views else []
     return all(path.is_file() for path in paths)
 
 
@@ -108,62 +120,166 @@ def _drop_shards_of_another_manifest(out: Path, manifest: pa.Table, views: list[
         shutil.rmtree(out / "shards", ignore_errors=True)
 
 
-def _write_shard(
+class _ManifestImages(Dataset):
+    """Manifest row -> (row, the image and its extra views preprocessed, None), or (row, None, reason).
+
+    Runs in DataLoader workers: decoding (bounded by ``max_pixels``) and preprocessing happen there,
+    so the embedding process only ever holds preprocessed batches.
+    """
+
+    def __init__(self, paths: list[str], preprocess, views: list[View], max_pixels: int | None):
+        self.paths, self.preprocess, self.views, self.max_pixels = paths, preprocess, views, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+        skipped = SkippedImages()
+        image = try_read_rgb(self.paths[row], skipped, self.max_pixels)
+        if image is None:
+            return row, None, skipped.reasons[0]
+        return row, torch.stack([self.preprocess(view) for view in [image, *expand(image, self.views)]]), None
+
+
+@dataclass
+class _Batch:
+    rows: list[int]  # every manifest row of the batch, readable or not
+    readable: list[int]
+    samples: torch.Tensor | None  # (len(readable), 1 + views, ...)
+    skipped: list[tuple[int, str]]
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> _Batch:
+    readable = [(row, sample) for row, sample, _ in items if sample is not None]
+    return _Batch(
+        rows=[row for row, _, _ in items],
+        readable=[row for row, _ in readable],
+        samples=torch.stack([sample for _, sample in readable]) if readable else None,
+        skipped=[(row, reason) for row, sample, reason in items if sample is None],
+    )
+
+
+def _shard_batches(shards: list[int], shard_size: int, n_rows: int, batch_size: int) -> list[list[int]]:
+    """Manifest rows in batches of ``batch_size`` that never straddle two shards."""
+    batches = []
+    for shard in shards:
+        stop = min((shard + 1) * shard_size, n_rows)
+        batches += [
+            list(range(start, min(start + batch_size, stop))) for start in range(shard * shard_size, stop, batch_size)
+        ]
+    return batches
+
+
+def _npy_from_raw(raw: Path, target: Path, shape: tuple[int, ...]) -> None:
+    """A .npy of fp16 ``shape`` from a file of its raw values (the count is only known once a shard is done)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    with open(target, "wb") as out, open(raw, "rb") as values:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(values, out, 1 << 20)
+
+
+class _ShardWriter:
+    """Appends one shard's vectors to raw files as batches arrive; ``finish`` turns them into the shard files."""
+
+    def __init__(self, folder: Path, shard: int, dim: int, view_count: int, paths: list[str]):
+        self.folder, self.shard, self.dim, self.view_count, self.paths = folder, shard, dim, view_count, paths
+        self.rows: list[int] = []
+        self.skipped: list[tuple[int, str]] = []
+        self.raw_vectors = folder / "shards" / f".vectors-{shard:05d}.raw.partial"
+        self.raw_views = folder / "shards" / f".views-{shard:05d}.raw.partial"
+        self.vectors_file = open(self.raw_vectors, "wb")
+        self.views_file = open(self.raw_views, "wb") if view_count else None
+
+    def add(self, batch: _Batch, vectors: np.ndarray) -> None:
+        """``vectors``: (len(batch.readable), 1 + views, dim), each image's own vector first."""
+        self.rows += batch.readable
+        self.skipped += batch.skipped
+        self.vectors_file.write(np.ascontiguousarray(vectors[:, 0], dtype=np.float16).tobytes())
+        if self.views_file is not None:
+            self.views_file.write(np.ascontiguousarray(vectors[:, 1:], dtype=np.float16).tobytes())
+
+    def _partials(self) -> list[Path]:
+        rows_path, vectors_path = shard_paths(self.folder, self.shard)
+        finals = [rows_path, vectors_path, skipped_path(self.folder, self.shard), views_path(self.folder, self.shard)]
+        return [final.with_name(f".{final.name}.partial{final.suffix}") for final in finals]
+
+    def finish(self) -> None:
+        """Write rows, vectors, views and skipped files under temporary names, then rename; vectors last."""
+        self.vectors_file.close()
+        if self.views_file is not None:
+            self.views_file.close()
+        rows_path, vectors_path = shard_paths(self.folder, self.shard)
+        partial_rows, partial_vectors, partial_skipped, partial_views = self._partials()
+        try:
+            np.save(partial_rows, np.asarray(self.rows, dtype=np.int64))
+            _npy_from_raw(self.raw_vectors, partial_vectors, (len(self.rows), self.dim))
+            skipped = pa.table(
+                {"path": [self.paths[row] for row, _ in self.skipped], "reason": [r for _, r in self.skipped]},
+                schema=UNREADABLE_SCHEMA,
+            )
+            pq.write_table(skipped, partial_skipped)
+            if self.views_file is not None:
+                _npy_from_raw(self.raw_views, partial_views, (len(self.rows), self.view_count, self.dim))
+                os.replace(partial_views, views_path(self.folder, self.shard))
+            os.replace(partial_skipped, skipped_path(self.folder, self.shard))
+            os.replace(partial_rows, rows_path)
+            os.replace(partial_vectors, vectors_path)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self.vectors_file.close()
+        if self.views_file is not None:
+            self.views_file.close()
+        for path in [self.raw_vectors, self.raw_views, *self._partials()]:
+            path.unlink(missing_ok=True)
+
+
+def _embed_shards(
     embedder: Embedder,
     paths: list[str],
-    first_row: int,
     folder: Path,
-    shard: int,
+    shards: list[int],
+    shard_size: int,
     batch_size: int,
     views: list[View],
-) -> tuple[int, int]:
-    """Embed one shard (and the extra views of its images); returns (embedded, unreadable)."""
-    rows_path, vectors_path = shard_paths(folder, shard)
+    num_workers: int,
+    max_pixels: int | None,
+    bar: tqdm,
+) -> int:
+    """Decode, preprocess (in ``num_workers`` worker processes) and embed the given shards; returns images embedded."""
+    loader = DataLoader(
+        _ManifestImages(paths, embedder.preprocess, views, max_pixels),
+        batch_sampler=_shard_batches(shards, shard_size, len(paths), batch_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
     view_count = views_per_image(views)
-    skipped = SkippedImages()
-    images, rows = [], []
-    for offset, path in enumerate(paths):
-        image = try_read_rgb(path, skipped)
-        if image is not None:
-            images.append(image)
-            rows.append(first_row + offset)
-    partial_vectors = vectors_path.with_name(f".{vectors_path.name}.partial")
-    partial_rows = rows_path.with_name(f".{rows_path.name}.partial.npy")
-    partial_views = views_path(folder, shard).with_name(f".views-{shard:05d}.npy.partial")
+    writer: _ShardWriter | None = None
+    embedded = 0
     try:
-        vectors = np.lib.format.open_memmap(
-            partial_vectors, mode="w+", dtype=np.float16, shape=(len(rows), embedder.dim)
-        )
-        view_vectors = (
-            np.lib.format.open_memmap(
-                partial_views, mode="w+", dtype=np.float16, shape=(len(rows), view_count, embedder.dim)
-            )
-            if views
-            else None
-        )
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = embedder.embed(chunk)
-            if batch.shape[1] != embedder.dim:
-                raise EmbeddingError(f"{embedder.name} returned {batch.shape[1]} values, announced {embedder.dim}")
-            vectors[start : start + len(batch)] = batch.astype(np.float16)
-            if view_vectors is not None:
-                extra = embedder.embed([crop for image in chunk for crop in expand(image, views)])
-                view_vectors[start : start + len(chunk)] = extra.reshape(len(chunk), view_count, -1)
-        vectors.flush()
-        del vectors
-        if view_vectors is not None:
-            view_vectors.flush()
-            del view_vectors
-            os.replace(partial_views, views_path(folder, shard))
-        np.save(partial_rows, np.asarray(rows, dtype=np.int64))
-        os.replace(partial_rows, rows_path)
-        os.replace(partial_vectors, vectors_path)
-    finally:
-        partial_vectors.unlink(missing_ok=True)
-        partial_rows.unlink(missing_ok=True)
-        partial_views.unlink(missing_ok=True)
-    return len(rows), len(skipped)
+        for batch in loader:
+            shard = batch.rows[0] // shard_size
+            if writer is None or writer.shard != shard:
+                if writer is not None:
+                    writer.finish()
+                writer = _ShardWriter(folder, shard, embedder.dim, view_count, paths)
+            if batch.samples is not None:
+                flat = embedder.embed_batch(batch.samples.flatten(0, 1))
+                if flat.shape[1] != embedder.dim:
+                    raise EmbeddingError(f"{embedder.name} returned {flat.shape[1]} values, announced {embedder.dim}")
+                writer.add(batch, flat.reshape(len(batch.readable), 1 + view_count, embedder.dim))
+                embedded += len(batch.readable)
+            else:
+                writer.add(batch, np.zeros((0, 1 + view_count, embedder.dim), dtype=np.float16))
+            bar.update(len(batch.rows))
+        if writer is not None:
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    return embedded
 
 
 def embed_manifest(
@@ -173,13 +289,21 @@ def embed_manifest(
     batch_size: int = 64,
     shard_size: int = 10_000,
     views: list[str] | None = None,
+    num_workers: int = 0,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Embed every image of a manifest into ``out`` (resumable, sharded over torchrun ranks).
 
-    ``views`` (names as in ``views.py``) also embeds those extra views of every image.
+    Images are decoded and preprocessed in ``num_workers`` DataLoader workers (0: in this process) and
+    embedded ``batch_size`` at a time, so memory does not grow with ``shard_size``. ``views`` (names as
+    in ``views.py``) also embeds those extra views of every image. Images over ``max_pixels`` are
+    decoded at a reduced size (JPEG) or skipped; every skipped image is listed with its reason in
+    ``unreadable.parquet``.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
     view_names = list(views or [])
     parsed_views = parse_views(view_names)
     manifest = read_manifest(manifest_path)
@@ -201,15 +325,10 @@ def embed_manifest(
     mine = [shard for shard in range(n_shards) if shard % world == rank]
     todo = [shard for shard in mine if not _shard_done(out, shard, bool(parsed_views))]
     start = time.perf_counter()
-    embedded = unreadable = 0
     with tqdm(total=sum(min(shard_size, len(paths) - s * shard_size) for s in todo), desc="embed", unit="img") as bar:
-        for shard in todo:
-            first = shard * shard_size
-            done, bad = _write_shard(
-                embedder, paths[first : first + shard_size], first, out, shard, batch_size, parsed_views
-            )
-            embedded, unreadable = embedded + done, unreadable + bad
-            bar.update(done + bad)
+        embedded = _embed_shards(
+            embedder, paths, out, todo, shard_size, batch_size, parsed_views, num_workers, max_pixels, bar
+        )
     seconds = time.perf_counter() - start
     if world > 1:
         dist.barrier()
@@ -224,6 +343,8 @@ def embed_manifest(
         counted = sum(len(np.load(shard_paths(out, shard)[0], mmap_mode="r")) for shard in range(n_shards))
         summary["embedded"] = counted
         summary["unreadable"] = len(paths) - counted
+        skipped = [pq.read_table(skipped_path(out, shard)) for shard in range(n_shards)]
+        write_table_atomically(pa.concat_tables(skipped), out / "unreadable.parquet")
         meta = {
             "embedder": embedder.name,
             "dim": embedder.dim,

@@ -2,9 +2,11 @@
 
 Columns: ``id`` (unique within the manifest), ``path``, ``content_hash`` (SHA-256 of the file bytes),
 ``size_bytes``, ``width``, ``height``, ``source``, ``split`` and ``label`` (empty when unknown).
-Building a manifest decodes every file, so an unreadable one is recorded (in the returned
-``unreadable`` table) instead of failing later inside an embedding job, and byte-identical files are
-collapsed to the first one in path order, counted in ``exact_duplicates``.
+Building a manifest decodes every file (a JPEG over ``max_pixels`` at a reduced size, any other image
+over it not at all), so an unreadable one is recorded (in the returned ``unreadable`` table, with the
+symlink loops, broken symlinks and unreadable folders met while listing) instead of failing later inside
+an embedding job, and byte-identical files are collapsed to the first one in path order, counted in
+``exact_duplicates``. ``width`` and ``height`` are the file's own, read from its header.
 """
 
 import hashlib
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from dinov2.data.images import SkippedImages, list_images, try_read_rgb
+from dinov2.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SkippedImages, image_size, scan_images, try_read_rgb
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -64,21 +66,30 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(folder: str | Path, source: str, split: str, labels_from_folders: bool = False) -> BuiltManifest:
+def build_manifest(
+    folder: str | Path,
+    source: str,
+    split: str,
+    labels_from_folders: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> BuiltManifest:
     """Scan a folder of images; ids are ``<source>/<path relative to the folder>``."""
     if split not in SPLITS:
         raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if not source or "/" in source:
         raise ManifestError(f"source name {source!r} must be non-empty and contain no '/'")
     folder = Path(folder)
-    files = list_images(folder)
-    skipped = SkippedImages()
+    scan = scan_images(folder)
+    files, skipped = scan.files, scan.problems
+    if not files:
+        found = f"; {len(skipped)} unusable entries, first: {skipped.reasons[0]}" if len(skipped) else ""
+        raise ManifestError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}{found}")
+    entries = len(files) + len(skipped)
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     seen_hashes: set[str] = set()
     duplicates = 0
     for path in tqdm(files, desc=f"manifest {source}", unit="img", disable=len(files) < 1000):
-        image = try_read_rgb(path, skipped)
-        if image is None:
+        if try_read_rgb(path, skipped, max_pixels) is None:
             continue
         digest = content_hash(path)
         if digest in seen_hashes:
@@ -89,16 +100,17 @@ def build_manifest(folder: str | Path, source: str, split: str, labels_from_fold
         rows["id"].append(f"{source}/{relative}")
         rows["path"].append(str(path.resolve()))
         rows["content_hash"].append(digest)
+        width, height = image_size(path)
         rows["size_bytes"].append(path.stat().st_size)
-        rows["width"].append(image.width)
-        rows["height"].append(image.height)
+        rows["width"].append(width)
+        rows["height"].append(height)
         rows["source"].append(source)
         rows["split"].append(split)
         rows["label"].append(path.parent.name if labels_from_folders and path.parent != folder else "")
     if not rows["id"]:
         raise ManifestError(f"none of the {len(files)} image files under {folder} could be decoded")
     unreadable = pa.table({"path": skipped.paths, "reason": skipped.reasons}, schema=UNREADABLE_SCHEMA)
-    return BuiltManifest(pa.table(rows, schema=MANIFEST_SCHEMA), unreadable, duplicates, len(files))
+    return BuiltManifest(pa.table(rows, schema=MANIFEST_SCHEMA), unreadable, duplicates, entries)
 
 
 def write_table_atomically(table: pa.Table, path: str | Path) -> Path:
@@ -142,4 +154,4 @@ def read_manifest(path: str | Path, check_files: bool = True) -> pa.Table:
 
 def open_image(path: str) -> Image.Image | None:
     """An image for a report grid; None when it can no longer be read."""
-    return try_read_rgb(path, SkippedImages())
+    return try_read_rgb(path, SkippedImages(), DEFAULT_MAX_PIXELS)

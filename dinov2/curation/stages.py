@@ -43,7 +43,9 @@ def output_folder(out: Path) -> Iterator[Path]:
 
 
 def prepare(images: Path, source: str, split: str, out: Path, params: PrepareParams) -> dict:
-    built = build_manifest(images, source, split, labels_from_folders=params.labels_from_folders)
+    built = build_manifest(
+        images, source, split, labels_from_folders=params.labels_from_folders, max_pixels=params.max_pixels
+    )
     with output_folder(out) as folder:
         write_table_atomically(built.table, folder / "manifest.parquet")
         write_table_atomically(built.unreadable, folder / "unreadable.parquet")
@@ -56,7 +58,16 @@ def embed(manifest: Path, out: Path, params: EmbedParams) -> dict:
     splits = set(read_manifest(manifest).column("split").to_pylist())
     views = params.eval_views if splits == {"eval"} else []
     embedder = build_embedder(params.model, params.weights, params.crop_size, params.device)
-    summary = embed_manifest(manifest, out, embedder, params.batch_size, params.shard_size, views)
+    summary = embed_manifest(
+        manifest,
+        out,
+        embedder,
+        params.batch_size,
+        params.shard_size,
+        views,
+        num_workers=params.num_workers,
+        max_pixels=params.max_pixels,
+    )
     metrics = {f"embed/{key}": value for key, value in summary.items()}
     if "embed/embedded" in metrics:
         write_json(metrics, Path(out) / "metrics.json")

@@ -1,6 +1,10 @@
-"""Reading image files without letting one bad file stop a run."""
+"""Reading image files without letting one bad file stop a run, or one huge file fill the memory."""
 
+import errno
 import logging
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +13,15 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Default pixel limit of the curation stages: well below Pillow's decompression-bomb limit (89.5
+# megapixels warns, 179 refuses), far above a 24-megapixel camera photo.
+DEFAULT_MAX_PIXELS = 40_000_000
+# JPEG decoders can scale by 1/2, 1/4 and 1/8 while decoding (Image.draft), never holding the full image.
+_JPEG_DRAFT_SCALES = (2, 4, 8)
+
+
+class ImageTooLarge(ValueError):
+    """An image over the pixel limit that cannot be decoded at a reduced size."""
 
 
 @dataclass
@@ -27,27 +40,117 @@ class SkippedImages:
         return len(self.paths)
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert to RGB."""
+def _limit_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Set up a JPEG to decode at 1/2, 1/4 or 1/8 scale so it fits ``max_pixels``; refuse anything else too big."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return
+    if image.format == "JPEG":
+        for scale in _JPEG_DRAFT_SCALES:
+            reduced = (math.ceil(width / scale), math.ceil(height / scale))
+            if reduced[0] * reduced[1] <= max_pixels:
+                image.draft(image.mode, reduced)
+                break
+    if image.size[0] * image.size[1] > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g} "
+            f"(max_pixels), and {image.format} cannot be decoded at a reduced size"
+        )
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
     with Image.open(path) as image:
+        return image.size
+
+
+def read_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) and convert to RGB.
+
+    Over ``max_pixels``, a JPEG is decoded at the largest of 1/2, 1/4, 1/8 scale that fits, and any
+    other image raises ``ImageTooLarge`` before its pixels are decoded.
+    """
+    with Image.open(path) as image:
+        if max_pixels is not None:
+            _limit_pixels(image, max_pixels)
         image.load()
         return image.convert("RGB")
 
 
-def try_read_rgb(path: str | Path, skipped: SkippedImages) -> Image.Image | None:
+def try_read_rgb(path: str | Path, skipped: SkippedImages, max_pixels: int | None = None) -> Image.Image | None:
     try:
-        return read_rgb(path)
+        return read_rgb(path, max_pixels)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         skipped.add(path, f"{type(error).__name__}: {error}")
         return None
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under a folder, recursively, in a stable order."""
+@dataclass
+class ImageScan:
+    """Image files under a folder, and the entries that looked like images or folders but could not be used."""
+
+    files: list[Path]
+    problems: SkippedImages
+
+
+def _problem(path: Path, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return f"symlink loop: {path} -> {os.readlink(path)} never reaches a file"
+    if error.errno == errno.ENOENT and path.is_symlink():
+        return f"broken symlink: {path} -> {os.readlink(path)} does not exist"
+    return f"{type(error).__name__}: {error.strerror}"
+
+
+def scan_images(folder: str | Path) -> ImageScan:
+    """Image files under a folder, recursively, in a stable order; symlinked folders are followed.
+
+    A symlink that loops, a symlink to a folder already listed (one leading back to an ancestor is a
+    loop, one to a folder reached by another path would list its images twice), a broken symlink with
+    an image suffix and a folder that cannot be read are recorded in ``problems`` with the reason
+    instead of being dropped without a word.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files: list[Path] = []
+    problems = SkippedImages()
+    listed = {(folder.stat().st_dev, folder.stat().st_ino): folder}
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as error:
+            problems.add(directory, _problem(directory, error))
+            continue
+        for name in names:
+            path = directory / name
+            is_image_name = path.suffix.lower() in IMAGE_SUFFIXES
+            try:
+                info = path.stat()
+            except OSError as error:
+                if is_image_name or error.errno == errno.ELOOP:
+                    problems.add(path, _problem(path, error))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in listed:
+                    earlier = listed[key]
+                    reason = "symlink loop: leads back to" if earlier in path.parents else "same folder as"
+                    problems.add(path, f"{reason} {earlier}, listed once")
+                    continue
+                listed[key] = path
+                pending.append(path)
+            elif is_image_name and stat.S_ISREG(info.st_mode):
+                files.append(path)
+            elif is_image_name:
+                problems.add(path, "not a regular file")
+    return ImageScan(sorted(files), problems)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under a folder, recursively, in a stable order (see ``scan_images``)."""
+    files = scan_images(folder).files
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
