@@ -1,4 +1,18 @@
-"""Reading image files without letting one bad file stop a run, or one huge file fill the memory."""
+"""Reading image files without letting one bad file stop a run, or one huge file fill the memory.
+
+``read_rgb`` is the project's one way to turn a file into RGB pixels, and it reads every valid mode
+as a person would see it, where Pillow's plain ``convert("RGB")`` does not:
+
+- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``) and 32-bit integer grey (``I``, as older Pillow opens
+  16-bit PNGs) hold values 0-65535: scaled to 0-255 (``round(v * 255 / 65535)``), where Pillow clips
+  everything above 255 to white. ``I`` values outside 0-65535 are refused; float grey (``F``) in [0, 1]
+  is scaled by 255, outside it refused;
+- transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa`` / ``La``, palette or grey or RGB images
+  with a transparent colour) is composited on a white ``BACKGROUND``, where Pillow drops the alpha and
+  shows whatever colour the transparent pixels happen to store (often black);
+- ``CMYK`` becomes ``R = 255 (1 - C/255)(1 - K/255)`` (likewise G with M, B with Y), ``1`` (bilevel)
+  becomes 0 / 255, palette images their palette colours: Pillow's conversions, pinned by tests.
+"""
 
 import errno
 import logging
@@ -8,6 +22,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -18,6 +33,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DEFAULT_MAX_PIXELS = 40_000_000
 # JPEG decoders can scale by 1/2, 1/4 and 1/8 while decoding (Image.draft), never holding the full image.
 _JPEG_DRAFT_SCALES = (2, 4, 8)
+BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class ImageTooLarge(ValueError):
@@ -58,6 +76,35 @@ def _limit_pixels(image: Image.Image, max_pixels: int) -> None:
         )
 
 
+def _sixteen_bit_to_rgb(values: np.ndarray) -> Image.Image:
+    # v * 255 / 65535 = v / 257 is never exactly halfway between two integers, so adding half the
+    # divisor before the integer division rounds to nearest; uint32 holds 65535 * 255.
+    grey = (values.astype(np.uint32) * 255 + 65535 // 2) // 65535
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB, as a person sees it (the rules are in the module docstring)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(np.asarray(image))
+    if image.mode == "I":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"32-bit integer pixels span [{values.min()}, {values.max()}], outside 0-65535")
+        return _sixteen_bit_to_rgb(values)
+    if image.mode == "F":
+        values = np.asarray(image)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError(f"float pixels span [{values.min()}, {values.max()}], outside [0, 1]")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        composited = Image.new("RGB", rgba.size, BACKGROUND)
+        composited.paste(rgba, mask=rgba.getchannel("A"))
+        return composited
+    return image.convert("RGB")
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels."""
     with Image.open(path) as image:
@@ -65,7 +112,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert to RGB.
+    """Decode fully (so truncated files fail here, not later) and convert to RGB with ``to_rgb``.
 
     Over ``max_pixels``, a JPEG is decoded at the largest of 1/2, 1/4, 1/8 scale that fits, and any
     other image raises ``ImageTooLarge`` before its pixels are decoded.
@@ -74,7 +121,7 @@ def read_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         if max_pixels is not None:
             _limit_pixels(image, max_pixels)
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def try_read_rgb(path: str | Path, skipped: SkippedImages, max_pixels: int | None = None) -> Image.Image | None:
