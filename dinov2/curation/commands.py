@@ -1,4 +1,4 @@
-"""The curation stage commands: ``dinov2 prepare``, ``embed``, ``dedup`` and ``retrieve``.
+"""The curation stage commands: ``dinov2 prepare`` (and ``prepare-default``), ``embed``, ``dedup`` and ``retrieve``.
 
 Each reads its section of params.yaml (validated before any work), takes explicit input and output
 paths so DVC and Prefect can wire it, writes metrics and plots into its output folder and logs them
@@ -13,11 +13,19 @@ from dinov2.configuration import load_section
 from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
 from dinov2.tracking import tracked_run
 
-PARAMS = typer.Option(Path("params.yaml"), help="params.yaml holding this stage's section (defaults if absent).")
+DEFAULT_PARAMS = Path("params.yaml")
+PARAMS = typer.Option(
+    None, help="Params file holding this stage's section (default: ./params.yaml if there is one, else defaults)."
+)
 
 
-def _section(path: Path, name: str, schema):
-    return load_section(path, name, schema) if path.is_file() else schema()
+def _section(path: Path | None, name: str, schema):
+    """The validated section; a file the user named must exist, the implicit ./params.yaml may not."""
+    if path is None:
+        if not DEFAULT_PARAMS.is_file():
+            return schema()
+        path = DEFAULT_PARAMS
+    return load_section(path, name, schema)
 
 
 def _log(stage: str, config: dict, metrics: dict, out: Path) -> None:
@@ -36,7 +44,7 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Option(..., help="Name of this image source, e.g. cifar10_train."),
         split: str = typer.Option(..., help="pool (uncurated), seed (curated) or eval (to keep out)."),
         out: Path = typer.Option(..., help="Output folder: manifest.parquet, unreadable.parquet, metrics.json."),
-        params: Path = PARAMS,
+        params: Path | None = PARAMS,
     ) -> None:
         """Build the Parquet manifest of an image folder (unreadable files recorded, exact copies collapsed)."""
         from dinov2.curation import stages
@@ -46,11 +54,24 @@ def register(app: typer.Typer) -> None:
         _log("prepare", {**config.model_dump(), "images": str(images), "source": source, "split": split}, metrics, out)
         typer.echo(f"{metrics['prepare/images']} images in {out / 'manifest.parquet'}")
 
+    @app.command("prepare-default")
+    def prepare_default(
+        out: Path = typer.Option(..., help="Output folder: seed/, pool/, eval/, manifests/, ground_truth.parquet."),
+        params: Path | None = PARAMS,
+    ) -> None:
+        """Cut the default data from Fashion-MNIST: seed, pool with planted copies and distractors, eval splits."""
+        from dinov2.curation.default_data import build_default_data
+
+        config = _section(params, "prepare", PrepareParams)
+        metrics = build_default_data(out, config.default_data)
+        _log("prepare", {**config.model_dump(), "out": str(out)}, metrics, out)
+        typer.echo(f"{metrics['prepare/pool_images']} pool images, ground truth in {out / 'ground_truth.parquet'}")
+
     @app.command()
     def embed(
         manifest: Path = typer.Option(..., help="manifest.parquet written by `dinov2 prepare`."),
         out: Path = typer.Option(..., help="Embedding folder (resumable: finished shards are kept)."),
-        params: Path = PARAMS,
+        params: Path | None = PARAMS,
     ) -> None:
         """Embed a manifest into L2-normalised fp16 shards (under torchrun: shards split over ranks)."""
         from dinov2.curation import stages
@@ -66,7 +87,7 @@ def register(app: typer.Typer) -> None:
         pool: Path = typer.Option(..., help="Embedding folder of the uncurated pool."),
         eval_embeddings: list[Path] = typer.Option([], "--eval", help="Embedding folder of an evaluation split."),
         out: Path = typer.Option(..., help="Output folder: kept.parquet, duplicate_groups.parquet, plots/."),
-        params: Path = PARAMS,
+        params: Path | None = PARAMS,
     ) -> None:
         """Self-dedup the pool and drop every image near-duplicated with an evaluation image."""
         from dinov2.curation import stages
@@ -82,7 +103,7 @@ def register(app: typer.Typer) -> None:
         kept: Path = typer.Option(..., help="kept.parquet written by `dinov2 dedup`."),
         seed: list[Path] = typer.Option([], help="Embedding folder of a curated seed set (repeatable)."),
         out: Path = typer.Option(..., help="Output folder: curated.parquet, plots/, metrics.json."),
-        params: Path = PARAMS,
+        params: Path | None = PARAMS,
     ) -> None:
         """Retrieve the pool images that resemble each seed set: the curated pretraining manifest."""
         from dinov2.curation import stages
