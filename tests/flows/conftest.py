@@ -1,0 +1,129 @@
+"""One real set of local services per test session: a Prefect server, a worker on each work pool and an
+MLflow server on 127.0.0.1, started and stopped exactly as `make up` / `make down` do it."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LocalServices:
+    prefect_api_url: str
+    mlflow_url: str
+    state_dir: Path
+    environment: dict[str, str]  # what a shell pointed at these services has (for the prefect CLI)
+
+    def api(self, path: str, body: dict | None = None):
+        """GET (or POST ``body`` to) the Prefect API; returns the decoded JSON."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.prefect_api_url}{path}", data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def recorded_pids(self) -> list[int]:
+        return [json.loads(path.read_text())["pid"] for path in sorted((self.state_dir / "pids").glob("*.json"))]
+
+
+def services_command(action: str, environment: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.services", action],
+        cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def process_runs(pid: int) -> bool:
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory) -> Iterator[LocalServices]:
+    state = tmp_path_factory.mktemp("services")
+    prefect_port, mlflow_port = free_port(), free_port()
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+    }
+    environment.update(
+        DINOV2_SERVICES_DIR=str(state), DINOV2_PREFECT_PORT=str(prefect_port), DINOV2_MLFLOW_PORT=str(mlflow_port),
+        PREFECT_HOME=str(state / "prefect"),
+        # the worker asks for new flow runs every second instead of every 10 s: the tests wait less
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )  # fmt: skip
+    started = services_command("up", environment)
+    running = LocalServices(
+        f"http://127.0.0.1:{prefect_port}/api",
+        f"http://127.0.0.1:{mlflow_port}",
+        state,
+        {
+            **environment,
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        },
+    )
+    pids = running.recorded_pids() if (state / "pids").is_dir() else []
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield running
+    finally:
+        stopped = services_command("down", environment)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert [pid for pid in pids if process_runs(pid)] == []
+
+
+@pytest.fixture(scope="session")
+def deployed(services) -> subprocess.CompletedProcess:
+    """`prefect deploy --all` from the repository, as a user runs it after `make up`."""
+    return subprocess.run(
+        [PREFECT, "deploy", "--all"], cwd=REPOSITORY, env=services.environment, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+class DeploymentRuns:
+    """`prefect deployment run NAME -p ... --watch` started in the background, and finished later."""
+
+    def __init__(self, services: LocalServices):
+        self.services = services
+
+    def start(self, name: str, *parameters: str) -> subprocess.Popen:
+        command = [PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "400"]
+        for parameter in parameters:
+            command += ["-p", parameter]
+        return subprocess.Popen(
+            command, cwd=REPOSITORY, env=self.services.environment, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    @staticmethod
+    def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+        """(exit code, flow-run id, output) of a started run."""
+        output, _ = process.communicate(timeout=450)
+        found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+        assert found, output
+        return process.returncode, found.group(1), output
+
+
+@pytest.fixture(scope="session")
+def deployment_runs(services, deployed) -> DeploymentRuns:
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    return DeploymentRuns(services)

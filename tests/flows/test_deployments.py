@@ -1,0 +1,113 @@
+"""The deployments as a user runs them: `prefect deploy --all`, then `prefect deployment run ... --watch`
+against a real Prefect server, real workers and a real MLflow server on 127.0.0.1."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+# 4 iterations of 8 images, a checkpoint every 2: the smallest run that trains, checkpoints and exports
+TINY_RUN = json.dumps([
+    "train.batch_size=8", "optim.epochs=1", "train.iterations_per_epoch=4", "checkpoint.every_n_iterations=2",
+])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flow_runs(deployment_runs, image_folder, tmp_path_factory):
+    """The three deployment runs of this module, started together (the worker runs them side by side)."""
+    output = tmp_path_factory.mktemp("pretrain_cpu") / "run"
+    started = {
+        "vitg dry run": deployment_runs.start("pretrain/vitg", "dry_run=true"),
+        "cpu": deployment_runs.start(
+            "pretrain/cpu",
+            f"data={json.dumps(str(image_folder(4, 0) / 'train'))}",
+            f"output={json.dumps(str(output))}",
+            f"overrides={TINY_RUN}",
+        ),
+        "unknown recipe": deployment_runs.start("pretrain/cpu", 'recipe="vitq99"'),
+    }
+    return started, output
+
+
+def artifacts_of(services, flow_run_id: str) -> dict[str, str]:
+    found = services.api("/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {artifact["key"]: artifact["data"] for artifact in found}
+
+
+def task_runs_of(services, flow_run_id: str) -> dict[str, dict]:
+    found = services.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {task_run["name"]: task_run for task_run in found}
+
+
+def test_deploy_all_registers_every_deployment_on_its_work_pool(services, deployed):
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deployments = services.api("/deployments/filter", {})
+    flows = {flow["id"]: flow["name"] for flow in services.api("/flows/filter", {})}
+    pools = {f"{flows[d['flow_id']]}/{d['name']}": d["work_pool_name"] for d in deployments}
+    assert pools == {
+        "pretrain/vitg": "gpu-cluster", "pretrain/vitl": "gpu-cluster", "pretrain/cpu": "local",
+        "distill/vits14": "local", "curate/default": "local", "evaluate/default": "local",
+        "pipeline/default": "local",
+    }  # fmt: skip
+    # flow runs start in this checkout, wherever it is
+    for deployment in deployments:
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPOSITORY)}}
+        ]
+
+
+def test_vitg_dry_run_completes_and_publishes_its_plan(services, deployment_runs, flow_runs):
+    returncode, flow_run_id, output = deployment_runs.finish(flow_runs[0]["vitg dry run"])
+    assert returncode == 0, output
+    plan = artifacts_of(services, flow_run_id)["pretrain-plan-vitg14"]
+    assert "| student parameters | 1,234,919,040 |" in plan
+    # 3072 images over 32 nodes x 8 GPUs: 12 per GPU; ZeRO-2 needs 30.6 GiB each (the engine's dry run)
+    assert "| 256 (this launch) | 12 | 44.3 | 35.2 | 30.6 | 21.4 |" in plan
+    assert "sbatch --parsable pretrain.sbatch" in plan
+    assert "#SBATCH --nodes=32" in plan and "#SBATCH --gpus-per-node=8" in plan
+    assert f"export PREFECT__FLOW_RUN_ID={flow_run_id}" in plan
+    assert "-m dinov2 pretrain --recipe vitg14 --data /mnt/dinov2/data/curated.parquet" in plan
+
+
+def test_cpu_pretraining_on_real_images_completes_and_its_mlflow_run_carries_the_flow_run(
+    services, deployment_runs, flow_runs
+):
+    from mlflow.tracking import MlflowClient
+
+    returncode, flow_run_id, output = deployment_runs.finish(flow_runs[0]["cpu"])
+    assert returncode == 0, output
+    run_folder = flow_runs[1]
+    metrics = json.loads((run_folder / "metrics.json").read_text())
+    assert metrics["iteration"] == 4
+    assert (run_folder / "teacher" / "backbone.safetensors").is_file()
+
+    client = MlflowClient(services.mlflow_url)
+    experiment = client.get_experiment_by_name("dinov2/pretrain")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    assert runs[0].data.tags["dinov2.recipe"] == "cpu_tiny"
+    assert runs[0].data.metrics["train/total_loss"] == pytest.approx(metrics["total_loss"])
+
+    results = artifacts_of(services, flow_run_id)["pretrain-results"]
+    assert f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}" in results
+    assert "| `iteration` | 4 |" in results
+    # the engine's output reached the Prefect logs line by line
+    logs = services.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    assert any(entry["message"].startswith("$ ") and "dinov2 pretrain" in entry["message"] for entry in logs)
+    assert any('"iteration": 4' in entry["message"] for entry in logs)
+
+
+def test_an_unknown_recipe_fails_at_once_naming_it(services, deployment_runs, flow_runs):
+    returncode, flow_run_id, output = deployment_runs.finish(flow_runs[0]["unknown recipe"])
+    assert returncode != 0
+    state = services.api(f"/flow_runs/{flow_run_id}")["state"]
+    assert state["type"] == "FAILED"
+    assert "unknown recipe 'vitq99'" in state["message"]
+    task_runs = task_runs_of(services, flow_run_id)
+    # the engine's dry run refused it (exit code 2): not retried, nothing launched
+    assert list(task_runs) == ["dry-run-vitq99"]
+    assert task_runs["dry-run-vitq99"]["run_count"] == 1

@@ -1,0 +1,191 @@
+"""The infrastructure templates: they parse, they render with a deployment's parameters, and the engine
+accepts the command they launch (its dry run exits 0)."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from flows.launchers import ClusterSettings, launch_plan, pretrain_arguments
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+INFRA = REPOSITORY / "infra"
+ENVIRONMENT = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "PREFECT__FLOW_RUN_ID": "0123abcd-flow-run"}
+
+
+def deployment(name: str) -> dict:
+    config = yaml.safe_load((REPOSITORY / "prefect.yaml").read_text())
+    flow_name, deployment_name = name.split("/")
+    for entry in config["deployments"]:
+        if entry["entrypoint"].endswith(f":{flow_name}") and entry["name"] == deployment_name:
+            return entry["parameters"]
+    raise KeyError(name)
+
+
+def rendered_launch(name: str):
+    parameters = deployment(name)
+    arguments = pretrain_arguments(
+        parameters["recipe"], parameters.get("data"), parameters["output"], parameters.get("overrides", [])
+    )
+    return launch_plan(
+        parameters["launcher"], arguments, nodes=parameters.get("nodes", 1),
+        gpus_per_node=parameters.get("gpus_per_node", 1), cluster=ClusterSettings(**parameters.get("cluster", {})),
+        name="dinov2-test-0123abcd", environment=ENVIRONMENT,
+    )  # fmt: skip
+
+
+def engine_arguments_after_module(command: list[str]) -> list[str]:
+    """What follows ``-m dinov2`` (or ``--module dinov2``) in a launch command."""
+    for flag in ("-m", "--module"):
+        for index in range(len(command) - 1):
+            if command[index] == flag and command[index + 1] == "dinov2":
+                return command[index + 2 :]
+    raise AssertionError(f"no -m dinov2 in {command}")
+
+
+def sbatch_launch_line(script: str) -> list[str]:
+    joined = script.replace("\\\n", " ")
+    (line,) = [line for line in joined.splitlines() if line.startswith("srun ")]
+    words = shlex.split(line)
+    assert words[-1] == "&"
+    return words[:-1]
+
+
+@pytest.fixture(scope="module")
+def launched_dry_runs() -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
+    """The engine arguments each rendered launch of a deployment runs (taken from the rendered text), and
+    the engine's dry run of them; the three run side by side."""
+    slurm_script = rendered_launch("pretrain/vitg").files["pretrain.sbatch"]
+    job = yaml.safe_load(rendered_launch("pretrain/vitl").files["pytorchjob.yaml"])
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    commands = {
+        "slurm": engine_arguments_after_module(sbatch_launch_line(slurm_script)),
+        "kubernetes": engine_arguments_after_module(master["command"]),
+        "local": engine_arguments_after_module(rendered_launch("pretrain/cpu").command),
+    }
+    started = {
+        key: subprocess.Popen(
+            [sys.executable, "-m", "dinov2", *arguments, "--dry-run", "--json"],
+            cwd=REPOSITORY,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for key, arguments in commands.items()
+    }
+    finished = {}
+    for key, process in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        finished[key] = (commands[key], subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return finished
+
+
+def test_the_slurm_script_for_pretrain_vitg_is_valid_bash_and_requeues(tmp_path):
+    launch = rendered_launch("pretrain/vitg")
+    script = launch.files["pretrain.sbatch"]
+    assert launch.command == ["sbatch", "--parsable", "pretrain.sbatch"]
+    for directive in ("--nodes=32", "--gpus-per-node=8", "--ntasks-per-node=1", "--cpus-per-task=64", "--requeue",
+                      "--partition=gpu", "--time=48:00:00", "--job-name=dinov2-test-0123abcd"):  # fmt: skip
+        assert f"#SBATCH {directive}\n" in script
+    assert "export PREFECT__FLOW_RUN_ID=0123abcd-flow-run\n" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    (tmp_path / "pretrain.sbatch").write_text(script)
+    checked = subprocess.run(["bash", "-n", str(tmp_path / "pretrain.sbatch")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    words = sbatch_launch_line(script)
+    assert words[:4] == ["srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes"]
+    assert words[4:7] == ["32", "--nproc_per_node", "8"]
+
+
+def test_the_pytorchjob_for_pretrain_vitl_has_one_master_and_seven_workers():
+    launch = rendered_launch("pretrain/vitl")
+    job = yaml.safe_load(launch.files["pytorchjob.yaml"])
+    assert (job["apiVersion"], job["kind"], job["metadata"]["name"]) == (
+        "kubeflow.org/v1", "PyTorchJob", "dinov2-test-0123abcd",
+    )  # fmt: skip
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert {role: spec["replicas"] for role, spec in replicas.items()} == {"Master": 1, "Worker": 7}
+    for spec in replicas.values():
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["command"][:4] == ["torchrun", "--nnodes", "8", "--nproc_per_node"]
+        assert {item["name"]: item["value"] for item in container["env"]} == ENVIRONMENT
+        assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "dinov2"}
+        assert container["volumeMounts"][0] == {"name": "dinov2", "mountPath": "/mnt/dinov2"}
+
+
+def test_every_rendered_launch_command_is_accepted_by_the_engine(launched_dry_runs):
+    recipes = {"slurm": "vitg14", "kubernetes": "vitl14", "local": "cpu_tiny"}
+    for key, (arguments, result) in launched_dry_runs.items():
+        assert arguments[:3] == ["pretrain", "--recipe", recipes[key]]
+        assert result.returncode == 0, f"{key}: {result.stderr}"
+        assert json.loads(result.stdout)["recipe"] == recipes[key]
+
+
+def test_the_deepspeed_configs_are_what_the_engine_builds_for_vitg14_on_256_gpus(launched_dry_runs):
+    # pretrain/vitg runs the recipe's ZeRO-2 on 256 GPUs; ZeRO-1 and ZeRO-3 differ from it in the stage only
+    _, result = launched_dry_runs["slurm"]
+    engine = json.loads(result.stdout)["deepspeed_config"]
+    assert engine["zero_optimization"]["stage"] == 2
+    for stage in (1, 2, 3):
+        expected = {**engine, "zero_optimization": {**engine["zero_optimization"], "stage": stage}}
+        assert json.loads((INFRA / "deepspeed" / f"zero{stage}.json").read_text()) == expected
+    offload = json.loads((INFRA / "deepspeed" / "zero3_offload.json").read_text())
+    assert offload["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}
+    assert offload == json.loads((INFRA / "deepspeed" / "zero3.json").read_text())
+
+
+def test_the_hostfile_example_names_nodes_with_their_gpu_slots():
+    lines = [
+        line
+        for line in (INFRA / "deepspeed" / "hostfile.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines and all(re.fullmatch(r"[\w.-]+ slots=\d+", line) for line in lines)
+
+
+def test_the_compose_file_has_every_service_and_publishes_ports_on_127_0_0_1_by_default():
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "minio", "buckets", "prefect-server", "mlflow", "prefect-worker"}
+    published = [port for service in services.values() for port in service.get("ports", [])]
+    assert published and all(port.startswith("${DINOV2_BIND:-127.0.0.1}:") for port in published)
+    mlflow_command = services["mlflow"]["command"]
+    assert mlflow_command[mlflow_command.index("--artifacts-destination") + 1] == "s3://mlflow/"
+    assert mlflow_command[mlflow_command.index("--backend-store-uri") + 1].startswith("postgresql://")
+    worker = services["prefect-worker"]["environment"]
+    assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://"
+    )
+
+
+def test_prefect_yaml_deployments_share_the_work_pool_definitions_through_aliases():
+    text = (REPOSITORY / "prefect.yaml").read_text()
+    config = yaml.safe_load(text)
+    pools = config["definitions"]["work_pools"]
+    assert [entry["work_pool"]["name"] for entry in config["deployments"]] == [
+        "gpu-cluster", "gpu-cluster", "local", "local", "local", "local", "local",
+    ]  # fmt: skip
+    assert text.count("work_pool: *local_pool") == 5 and text.count("work_pool: *gpu_cluster_pool") == 2
+    assert pools["local"]["name"] == "local"
+
+
+def test_bad_launch_settings_fail_before_anything_renders():
+    with pytest.raises(ValidationError, match="partion"):
+        ClusterSettings(partion="gpu")
+    arguments = pretrain_arguments("vitg14", None, "/runs/x", [])
+    with pytest.raises(ValueError, match="the local launcher runs on one node, not 4"):
+        launch_plan("local", arguments, nodes=4, gpus_per_node=8, cluster=ClusterSettings(), name="x", environment={})
+    with pytest.raises(ValueError, match="needs cluster.hostfile for 2 nodes"):
+        launch_plan(
+            "deepspeed", arguments, nodes=2, gpus_per_node=8, cluster=ClusterSettings(), name="x", environment={}
+        )
