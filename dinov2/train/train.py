@@ -228,6 +228,41 @@ class Tracking:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+class MetricsHistory:
+    """``plots/train.csv``: one row per iteration (``step`` then every logged value), for DVC plots and
+    the report. A resumed run drops the rows after its checkpoint, so each step appears once."""
+
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.columns, self.handle = path, None, None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.is_file() and start > 0:
+            lines = path.read_text().splitlines()
+            if lines:
+                self.columns = lines[0].split(",")[1:]
+                kept = [line for line in lines[1:] if int(line.split(",")[0]) <= start]
+                kept.insert(0, lines[0])
+        path.write_text("".join(f"{line}\n" for line in kept))
+        self.handle = path.open("a")
+
+    def append(self, step: int, values: dict[str, float]) -> None:
+        if self.handle is None:
+            return
+        if self.columns is None:
+            self.columns = sorted(values)
+            self.handle.write(",".join(["step", *self.columns]) + "\n")
+        self.handle.write(
+            ",".join([str(step), *(f"{values.get(key, float('nan')):.6g}" for key in self.columns)]) + "\n"
+        )
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
 def _knn_metrics(objective: Objective, root: Path, recipe: Recipe, device: torch.device, suffix: str = ""):
     metrics = {}
     for prefix, backbone in objective.knn_backbones().items():
@@ -325,6 +360,12 @@ def run_training(
         if knn_root is not None and start == 0:
             metrics.update(_knn_metrics(objective, knn_root, recipe, device, suffix="_init"))
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
+        if start == 0:
+            for folder, models in objective.exports().items():
+                export_models(
+                    models, output_dir / "exports" / "iter_0000000" / folder, is_writer, {**metadata, "iteration": 0}
+                )
+        history = MetricsHistory(output_dir / "plots" / "train.csv", start, enabled=is_writer)
         objective.train()
         progress = Progress(
             TextColumn(tracking.stage), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -373,6 +414,7 @@ def run_training(
                     "train/peak_memory_gib": peak_memory_gib(device), "train/skipped_images": skipped_images,
                 })  # fmt: skip
                 tracker.log_metrics(step_metrics, step=iteration)
+                history.append(iteration, {k.removeprefix("train/"): v for k, v in step_metrics.items()})
                 progress.update(task, completed=iteration, status=f"loss {loss.item():.3f}")
                 if is_writer and (iteration % LOG_EVERY == 0 or iteration == stop):
                     logger.info(
@@ -390,6 +432,7 @@ def run_training(
                     for folder, models in objective.exports().items():
                         export_models(models, output_dir / "exports" / f"iter_{iteration:07d}" / folder, is_writer,
                                       {**metadata, "iteration": iteration})  # fmt: skip
+        history.close()
         metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()})
         if iteration == total:
             finals = [
