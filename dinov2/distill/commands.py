@@ -11,7 +11,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def distill(
-        recipe: str = typer.Option("distill_cpu_tiny", help="Distillation recipe in configs/train/ or a .yaml path."),
+        recipe: str | None = typer.Option(
+            None, help="Distillation recipe in configs/train/ or a .yaml path [default: params' or distill_cpu_tiny]."
+        ),
+        params: Path | None = typer.Option(
+            None, help="params.yaml whose `distill` section (recipe: NAME + recipe keys) configures the run."
+        ),
         teacher: str | None = typer.Option(
             None, help="Teacher: a run's teacher/ folder, a .safetensors backbone, a hub name or a .pth path/URL."
         ),
@@ -27,7 +32,7 @@ def register(app: typer.Typer) -> None:
         """Distil a frozen teacher (with its DINO/iBOT heads, fitted first if it has none) into smaller ViTs."""
         from dinov2.distill.config import DistillRecipe
         from dinov2.train.commands import _exit_cleanly, print_dry_run
-        from dinov2.train.config import load_recipe
+        from dinov2.train.config import recipe_from_params
         from dinov2.train.train import NonFiniteLossError
 
         overrides = list(override)
@@ -35,7 +40,7 @@ def register(app: typer.Typer) -> None:
             overrides.append(f"distillation.teacher={json.dumps(teacher)}")
         if teacher_weights is not None:
             overrides.append(f"distillation.teacher_weights={json.dumps(teacher_weights)}")
-        resolved = load_recipe(recipe, overrides, schema=DistillRecipe)
+        resolved = recipe_from_params(params, "distill", recipe, overrides, "distill_cpu_tiny", DistillRecipe)
         if dry_run:
             from dinov2.distill.dry_run import distill_dry_run_report
 

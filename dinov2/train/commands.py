@@ -11,7 +11,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def pretrain(
-        recipe: str = typer.Option("cpu_tiny", help="Recipe name in configs/train/ (vitg14, ...) or a .yaml path."),
+        recipe: str | None = typer.Option(
+            None, help="Recipe name in configs/train/ (vitg14, ...) or a .yaml path [default: params' or cpu_tiny]."
+        ),
+        params: Path | None = typer.Option(
+            None, help="params.yaml whose `pretrain` section (recipe: NAME + recipe keys) configures the run."
+        ),
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to pretrain on."),
         output: Path = typer.Option(Path("outputs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
         override: list[str] = typer.Option([], "--set", help="Recipe override, e.g. --set optim.epochs=20."),
@@ -21,11 +26,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
-        from dinov2.train.config import load_recipe
+        from dinov2.train.config import Recipe, recipe_from_params
         from dinov2.train.train import NonFiniteLossError
         from dinov2.train.train import pretrain as run_pretrain
 
-        resolved = load_recipe(recipe, override)
+        resolved = recipe_from_params(params, "pretrain", recipe, override, "cpu_tiny", Recipe)
         if dry_run:
             from dinov2.train.dry_run import dry_run_report
 

@@ -185,8 +185,15 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] | None = None, schema: type[RecipeT] = Recipe) -> RecipeT:
-    """Default <- recipe delta <- command-line overrides, validated as a whole against ``schema``."""
+def load_recipe(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    schema: type[RecipeT] = Recipe,
+    delta: dict | None = None,
+    delta_source: str = "",
+) -> RecipeT:
+    """Default <- recipe file <- ``delta`` (a params.yaml section) <- command-line overrides, validated
+    as a whole against ``schema``; an error names the files the bad key may come from."""
     path = resolve_recipe_path(recipe)
     data = read_yaml(DEFAULT_RECIPE)
     if path.resolve() != DEFAULT_RECIPE.resolve():
@@ -194,6 +201,27 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None, schema: 
         data.setdefault("name", path.stem)
         if data["name"] == "default":
             data["name"] = path.stem
+    data = merge(data, delta or {})
     for override in overrides or []:
         data = merge(data, parse_override(override))
-    return validate(schema, data, str(path) + (f" with overrides {overrides}" if overrides else ""))
+    source = (
+        str(path) + (f" with {delta_source}" if delta else "") + (f" with overrides {overrides}" if overrides else "")
+    )
+    return validate(schema, data, source)
+
+
+def recipe_from_params(
+    params: Path | None, section: str, recipe: str | None, overrides: list[str], default: str, schema: type[RecipeT]
+) -> RecipeT:
+    """The recipe a stage command runs: ``--recipe`` (else the section's ``recipe`` key, else ``default``),
+    with the rest of the params.yaml section and then ``--set`` overrides on top."""
+    from dinov2.configuration import read_params
+
+    delta: dict = {}
+    if params is not None:
+        delta = dict(read_params(params).get(section) or {})
+        named = delta.pop("recipe", None)
+        if named is not None and not isinstance(named, str):
+            raise ConfigError(f"{params} [{section}]: 'recipe' must be a recipe name or path, got {named!r}")
+        recipe = recipe or named
+    return load_recipe(recipe or default, overrides, schema, delta, f"{params} [{section}]")
