@@ -33,6 +33,8 @@ _frequency = np.arange(LOW_FREQUENCIES)
 _WHITENING = np.sqrt(_frequency[:, None] ** 2 + _frequency[None, :] ** 2)[:, ::2].ravel()
 # Chrominance carries less of an image's identity than luminance: half weight.
 _CHANNEL_WEIGHTS = (1.0, 0.5, 0.5)
+# Every number that shapes the descriptor: its fingerprint in embeddings.json hashes these.
+COPY_DESCRIPTOR_SETTINGS = (SIDE, LOW_FREQUENCIES, HISTOGRAM_BINS, LAYOUT_WEIGHT, _CHANNEL_WEIGHTS)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@
   hub directory, loaded with ``torch.hub.load`` (the model must return one embedding per image).
 """
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,19 +20,47 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.curation.descriptors import (
+    COPY_DESCRIPTOR_DIM,
+    COPY_DESCRIPTOR_SETTINGS,
+    COPY_DESCRIPTOR_THRESHOLDS,
+    copy_descriptor,
+)
 from dinov2.data.transforms import make_eval_transform
 
-# The paper's cosine thresholds for copy-detection embeddings (SSCD): self-dedup 0.6, relative 0.45.
+# The paper's cosine thresholds for copy-detection embeddings (SSCD): self-dedup 0.6, relative 0.45. They
+# are a backbone's defaults, recorded as calibrated for SSCD: dedup refuses them for any other model.
 PAPER_THRESHOLDS = {"self": 0.6, "relative": 0.45}
+PAPER_THRESHOLDS_MODEL = "SSCD (the paper's copy-detection model)"
+
+
+def parameter_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes): the model's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _copy_descriptor_fingerprint() -> str:
+    return f"sha256:{hashlib.sha256(repr(COPY_DESCRIPTOR_SETTINGS).encode()).hexdigest()[:16]}"
 
 
 class Embedder(Protocol):
-    """Embedding is split in two so the per-image half runs in DataLoader workers, beside the decoding."""
+    """Embedding is split in two so the per-image half runs in DataLoader workers, beside the decoding.
+
+    ``fingerprint`` identifies the model (two sets compare only when it matches); ``thresholds`` are the
+    dedup cosines calibrated for ``thresholds_calibrated_for``, which is ``name`` only when they were
+    measured for this very embedder.
+    """
 
     name: str
     dim: int
+    fingerprint: str
     thresholds: dict[str, float]
+    thresholds_calibrated_for: str
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image as the tensor ``embed_batch`` takes (runs in a DataLoader worker)."""
@@ -50,7 +79,9 @@ class Embedder(Protocol):
 class CopyDescriptorEmbedder:
     name: str = "copy_descriptor"
     dim: int = COPY_DESCRIPTOR_DIM
+    fingerprint: str = field(default_factory=_copy_descriptor_fingerprint)
     thresholds: dict[str, float] = field(default_factory=lambda: dict(COPY_DESCRIPTOR_THRESHOLDS))
+    thresholds_calibrated_for: str = "copy_descriptor"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(copy_descriptor(image))
@@ -69,7 +100,9 @@ class BackboneEmbedder:
         self.model = model.eval().to(device)
         self.name = name
         self.device = torch.device(device)
+        self.fingerprint = parameter_fingerprint(model)
         self.thresholds = dict(PAPER_THRESHOLDS)
+        self.thresholds_calibrated_for = PAPER_THRESHOLDS_MODEL
         patch_size = getattr(model, "patch_size", 1)
         if crop_size % patch_size:
             raise ValueError(f"crop size {crop_size} is not a multiple of the patch size {patch_size} of {name}")

@@ -10,7 +10,10 @@ Layout of an embedding folder::
     shards/skipped-00003.parquet  path and reason of every image of shard 3 that was not embedded
     unreadable.parquet          the skipped images of all shards
     views.json                  the view names the shards were embedded with
-    embeddings.json             embedder, dimension, thresholds, views, shard list, counts: written LAST
+    model.json                  the embedder's name and fingerprint the shards were embedded with
+    embeddings.json             embedder name and fingerprint (the model's identity), dimension, dedup
+                                thresholds and the model they were calibrated for, views, shard list,
+                                counts: written LAST
 
 Shard ``i`` always covers manifest rows ``[i * shard_size, (i + 1) * shard_size)``, so a rerun skips
 every shard already on disk (resume) and, under torchrun, rank ``r`` of ``w`` takes the shards
@@ -58,8 +61,16 @@ class EmbeddingSet:
     vectors: np.ndarray
     embedder: str
     thresholds: dict[str, float]
+    fingerprint: str
+    thresholds_calibrated_for: str
+    folder: Path
     views: np.ndarray | None = None  # (n, views, dim): extra views of row i in views[i]
     view_names: tuple[str, ...] = ()
+
+    @property
+    def thresholds_calibrated(self) -> bool:
+        """Whether the recorded dedup thresholds were measured for the model that made these embeddings."""
+        return self.thresholds_calibrated_for == self.embedder
 
     def with_views(self) -> np.ndarray:
         """Every vector of the set: the images' own, then all their extra views."""
@@ -108,8 +119,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _drop_shards_of_another_manifest(out: Path, manifest: pa.Table, views: list[str]) -> None:
-    """Resuming is only sound over the same rows and views: shards of another manifest or views are deleted."""
+def _write_json(data, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _drop_shards_of_another_setup(out: Path, manifest: pa.Table, views: list[str], model: dict[str, str]) -> None:
+    """Resuming is only sound over the same rows, views and model: shards of anything else are deleted."""
     previous = out / "manifest.parquet"
     if previous.is_file() and not read_manifest(previous, check_files=False).equals(manifest):
         logger.info("%s held embeddings of another manifest: starting over", out)
@@ -117,6 +134,10 @@ def _drop_shards_of_another_manifest(out: Path, manifest: pa.Table, views: list[
     recorded = out / "views.json"
     if (out / "shards").is_dir() and (json.loads(recorded.read_text()) if recorded.is_file() else []) != views:
         logger.info("%s held embeddings of other views: starting over", out)
+        shutil.rmtree(out / "shards", ignore_errors=True)
+    recorded = out / "model.json"
+    if (out / "shards").is_dir() and (json.loads(recorded.read_text()) if recorded.is_file() else {}) != model:
+        logger.info("%s held embeddings of another model: starting over", out)
         shutil.rmtree(out / "shards", ignore_errors=True)
 
 
@@ -312,12 +333,12 @@ def embed_manifest(
     meta_path = out / META_FILE
     if rank == 0:
         meta_path.unlink(missing_ok=True)
-        _drop_shards_of_another_manifest(out, manifest, view_names)
+        model = {"embedder": embedder.name, "fingerprint": embedder.fingerprint}
+        _drop_shards_of_another_setup(out, manifest, view_names, model)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_table_atomically(manifest, out / "manifest.parquet")
-        partial_views = out / ".views.json.partial"
-        partial_views.write_text(json.dumps(view_names) + "\n")
-        os.replace(partial_views, out / "views.json")
+        _write_json(view_names, out / "views.json")
+        _write_json(model, out / "model.json")
     if world > 1:
         dist.barrier()
     paths = manifest.column("path").to_pylist()
@@ -347,17 +368,17 @@ def embed_manifest(
         write_table_atomically(pa.concat_tables(skipped), out / "unreadable.parquet")
         meta = {
             "embedder": embedder.name,
+            "fingerprint": embedder.fingerprint,
             "dim": embedder.dim,
             "dtype": "float16",
             "shard_size": shard_size,
             "shards": n_shards,
             "thresholds": embedder.thresholds,
+            "thresholds_calibrated_for": embedder.thresholds_calibrated_for,
             "views": view_names,
             **{key: summary[key] for key in ("images", "embedded", "unreadable")},
         }
-        partial = meta_path.with_name(f".{META_FILE}.partial")
-        partial.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(partial, meta_path)
+        _write_json(meta, meta_path)
     logger.info("embedded %d images at %.1f img/s", embedded, summary["images_per_second"])
     return summary
 
@@ -369,6 +390,11 @@ def load_embeddings(folder: str | Path, expected_dim: int | None = None) -> Embe
     if not meta_path.is_file():
         raise EmbeddingError(f"{folder} is not a complete embedding folder (no {META_FILE}); run `dinov2 embed`")
     meta = json.loads(meta_path.read_text())
+    unrecorded = [key for key in ("fingerprint", "thresholds_calibrated_for") if key not in meta]
+    if unrecorded:
+        raise EmbeddingError(
+            f"{meta_path} does not record the model's identity ({', '.join(unrecorded)}): rerun `dinov2 embed`"
+        )
     try:
         manifest = read_manifest(folder / "manifest.parquet", check_files=False)
     except ManifestError as error:
@@ -408,5 +434,23 @@ def load_embeddings(folder: str | Path, expected_dim: int | None = None) -> Embe
         else None
     )
     return EmbeddingSet(
-        manifest.take(pa.array(all_rows)), matrix, meta["embedder"], meta["thresholds"], all_views, view_names
+        manifest=manifest.take(pa.array(all_rows)),
+        vectors=matrix,
+        embedder=meta["embedder"],
+        thresholds=meta["thresholds"],
+        fingerprint=meta["fingerprint"],
+        thresholds_calibrated_for=meta["thresholds_calibrated_for"],
+        folder=folder,
+        views=all_views,
+        view_names=view_names,
     )
+
+
+def check_same_model(reference: EmbeddingSet, other: EmbeddingSet) -> None:
+    """Vectors of two models are not comparable even at the same dimension: refuse to mix them."""
+    if other.fingerprint != reference.fingerprint:
+        raise EmbeddingError(
+            f"{other.folder} holds {other.dim}-d embeddings of {other.embedder} ({other.fingerprint}) and "
+            f"{reference.folder} {reference.dim}-d embeddings of {reference.embedder} ({reference.fingerprint}): "
+            "embed every set with the same model"
+        )

@@ -75,11 +75,25 @@ class EmbedParams(Section):
         default_factory=lambda: ["centre_crop:0.9", "centre_crop:0.8"],
         description="centre_crop:F, corner_crops:F (four views), mirror; [] for the paper's single view.",
     )
+    # Dedup thresholds measured for THIS model (e.g. the paper's self 0.6 / relative 0.45 for SSCD loaded through
+    # torchhub:): recorded in embeddings.json as calibrated for it. Unset, a backbone records the paper's SSCD
+    # values as calibrated for SSCD, and dedup refuses them for any other model.
+    calibrated_thresholds: dict[Literal["self", "relative"], float] | None = None
 
     @field_validator("eval_views")
     @classmethod
     def _views_parse(cls, value: list[str]) -> list[str]:
         parse_views(value)
+        return value
+
+    @field_validator("calibrated_thresholds")
+    @classmethod
+    def _both_cosines(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if set(value) != {"self", "relative"}:
+                raise ValueError(f"give both 'self' and 'relative', got {', '.join(sorted(value)) or 'neither'}")
+            for threshold in value.values():
+                _cosine(threshold)
         return value
 
 
@@ -102,6 +116,10 @@ class DedupParams(Section):
     use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
     placement: Literal["auto", "cpu", "gpu"] = "auto"
     report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")
+    # Sanity checks (stages.py): a threshold calibrated for another model than the embedder, or one duplicate
+    # group holding more than max_group_share of the pool (groups of up to 10 images always pass).
+    max_group_share: float = Field(0.05, gt=0, le=1, description="Largest duplicate group, as a share of the pool.")
+    guards: Literal["error", "warn"] = Field("error", description="What a failed sanity check does.")
 
     _check = field_validator("self_threshold", "relative_threshold")(_cosine)
 

@@ -4,8 +4,15 @@ Every stage but ``embed`` writes into ``<out>.partial`` and renames it to ``<out
 so an interrupted or failed run never leaves a folder that looks finished (``embed`` is resumable
 instead: see ``embeddings.py``). Each output folder holds ``metrics.json`` (DVC metrics) and
 ``plots/`` (DVC plots).
+
+The stages speak up when a result is almost certainly wrong rather than write it without a word:
+``dedup`` refuses thresholds calibrated for another model and a duplicate group that swallows the pool
+(``dedup.guards: warn`` turns these errors into warnings); ``dedup`` and ``retrieve`` refuse to compare
+embeddings of different models; ``retrieve`` refuses per-dataset settings for a seed set it was not
+given and warns when the seeds of a set mostly retrieve the same pool images.
 """
 
+import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +23,7 @@ import pyarrow as pa
 
 from dinov2.curation.dedup import check_threshold, relative_dedup, self_dedup
 from dinov2.curation.embedders import build_embedder
-from dinov2.curation.embeddings import EmbeddingSet, embed_manifest, load_embeddings
+from dinov2.curation.embeddings import EmbeddingSet, check_same_model, embed_manifest, load_embeddings
 from dinov2.curation.index import VectorIndex
 from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans
 from dinov2.curation.manifest import build_manifest, read_manifest, write_table_atomically
@@ -24,6 +31,18 @@ from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, Retr
 from dinov2.curation.report import cluster_share_plot, image_grid, write_json
 from dinov2.curation.representatives import kept_reason, preference_order
 from dinov2.curation.retrieval import assign_to_centroids, cluster_based, cluster_pool, sample_based
+
+logger = logging.getLogger(__name__)
+
+# A handful of copies of one image is common in any pool; the group-share guard is for groups that swallow
+# a pool, so groups up to this size never trip it (a 2-image group is 10% of a 20-image pool).
+GROUP_GUARD_MIN_IMAGES = 10
+# Sample-based retrieval below this share of distinct images (distinct / seeds x k) is reported degenerate.
+DEGENERATE_DISTINCT_SHARE = 0.5
+
+
+class CurationGuardError(ValueError):
+    """A result that is almost certainly wrong: a threshold of another model, a group that swallows the pool."""
 
 
 @contextmanager
@@ -58,6 +77,9 @@ def embed(manifest: Path, out: Path, params: EmbedParams) -> dict:
     splits = set(read_manifest(manifest).column("split").to_pylist())
     views = params.eval_views if splits == {"eval"} else []
     embedder = build_embedder(params.model, params.weights, params.crop_size, params.device)
+    if params.calibrated_thresholds is not None:
+        embedder.thresholds = dict(params.calibrated_thresholds)
+        embedder.thresholds_calibrated_for = embedder.name
     summary = embed_manifest(
         manifest,
         out,
@@ -74,16 +96,44 @@ def embed(manifest: Path, out: Path, params: EmbedParams) -> dict:
     return metrics
 
 
-def _threshold(explicit: float | None, embeddings: EmbeddingSet, kind: str) -> float:
-    value = explicit if explicit is not None else embeddings.thresholds[kind]
+def _speak_up(guards: str, message: str) -> None:
+    if guards == "error":
+        raise CurationGuardError(f"{message} (dedup.guards: warn goes on with a warning)")
+    logger.warning(message)
+
+
+def _threshold(explicit: float | None, embeddings: EmbeddingSet, kind: str, guards: str) -> float:
+    """The threshold in use: from params, else the one recorded with the embeddings, if it is this model's."""
+    if explicit is not None:
+        if not embeddings.thresholds_calibrated:
+            logger.warning(
+                "dedup.%s_threshold = %s: no threshold is calibrated for %s (the embedder of %s); check the "
+                "duplicate groups it finds (plots/duplicate_groups.png)",
+                kind,
+                explicit,
+                embeddings.embedder,
+                embeddings.folder,
+            )
+        return check_threshold(explicit, f"{kind} dedup threshold")
+    value = embeddings.thresholds[kind]
+    if not embeddings.thresholds_calibrated:
+        _speak_up(
+            guards,
+            f"the {kind}-dedup threshold {value} was calibrated for {embeddings.thresholds_calibrated_for}, not for "
+            f"{embeddings.embedder}, which embedded {embeddings.folder}: set dedup.{kind}_threshold to a cosine "
+            "measured for this model (on planted copies of your images) or embed with a copy-detection model",
+        )
     return check_threshold(value, f"{kind} dedup threshold")
 
 
 def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupParams) -> dict:
     pool = load_embeddings(pool_dir)
     evaluation = [load_embeddings(folder, expected_dim=pool.dim) for folder in eval_dirs]
-    self_threshold = _threshold(params.self_threshold, pool, "self")
-    relative_threshold = _threshold(params.relative_threshold, pool, "relative")
+    for evaluation_set in evaluation:
+        check_same_model(pool, evaluation_set)
+    self_threshold = _threshold(params.self_threshold, pool, "self", params.guards)
+    # Relative dedup runs only against evaluation sets; without them its threshold is not used.
+    relative_threshold = _threshold(params.relative_threshold, pool, "relative", params.guards) if evaluation else None
     manifest = pool.manifest
     pixels = np.asarray(manifest.column("width").to_numpy(), dtype=np.int64) * manifest.column("height").to_numpy()
     size_bytes = manifest.column("size_bytes").to_numpy()
@@ -93,16 +143,28 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         result = self_dedup(
             pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe, preference
         )
+        counts = result.counts()
+        largest, images = counts["largest_group"], counts["images"]
+        if largest > GROUP_GUARD_MIN_IMAGES and largest > params.max_group_share * images:
+            _speak_up(
+                params.guards,
+                f"self-dedup put {largest:,} of {images:,} pool images ({largest / images:.1%}) in one duplicate "
+                f"group, more than dedup.max_group_share = {params.max_group_share:g} of the pool: at the threshold "
+                f"{self_threshold} the embeddings of {pool.embedder} do not tell these images apart; raise "
+                "dedup.self_threshold or embed with a copy-detection model",
+            )
         kept_rows = np.flatnonzero(result.keep)
-        clean = relative_dedup(
-            pool.vectors[kept_rows],
-            [e.with_views() if params.use_eval_views else e.vectors for e in evaluation],
-            params.k,
-            relative_threshold,
-            params.index,
-            params.placement,
-            params.nprobe,
-        )
+        clean = np.ones(len(kept_rows), dtype=bool)
+        if relative_threshold is not None:
+            clean = relative_dedup(
+                pool.vectors[kept_rows],
+                [e.with_views() if params.use_eval_views else e.vectors for e in evaluation],
+                params.k,
+                relative_threshold,
+                params.index,
+                params.placement,
+                params.nprobe,
+            )
         final_rows = kept_rows[clean]
         ids = np.asarray(pool.ids, dtype=object)
         write_table_atomically(manifest.take(pa.array(final_rows)), folder / "kept.parquet")
@@ -125,7 +187,6 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         write_table_atomically(removed, folder / "eval_leaks.parquet")
         shown = [[paths[row] for row in members[:8]] for members in groups[: params.report_groups]]
         image_grid(shown).save(folder / "plots" / "duplicate_groups.png")
-        counts = result.counts()
         metrics = {
             "dedup/pool_images": counts["images"],
             "dedup/kept_most_pixels": reasons.count("most_pixels"),
@@ -133,7 +194,8 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
             "dedup/kept_first_path": reasons.count("first_path"),
             "dedup/self_removed": counts["removed"],
             "dedup/duplicate_groups": counts["duplicate_groups"],
-            "dedup/largest_group": counts["largest_group"],
+            "dedup/largest_group": largest,
+            "dedup/largest_group_share": largest / images,
             "dedup/after_self_dedup": counts["kept"],
             "dedup/eval_images": sum(len(e.ids) for e in evaluation),
             "dedup/eval_vectors": sum(len(e.with_views() if params.use_eval_views else e.vectors) for e in evaluation),
@@ -146,17 +208,45 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
     return metrics
 
 
+def _report_collisions(source: str, seed_images: int, k: int, distinct: int, metrics: dict) -> None:
+    """Sample-based retrieval asks for seeds x k pool images; few distinct ones means the seeds collapse."""
+    requested = seed_images * k
+    share = distinct / requested
+    metrics[f"retrieve/{source}/requested"] = requested
+    metrics[f"retrieve/{source}/distinct"] = distinct
+    metrics[f"retrieve/{source}/distinct_share"] = round(share, 4)
+    if share < DEGENERATE_DISTINCT_SHARE:
+        logger.warning(
+            "seed set %s: %d seed images x k=%d asked for %d pool images and got %d distinct (%.1f%%): the seeds "
+            "mostly retrieve the same images, so the embedder hardly tells them apart (degenerate retrieval)",
+            source,
+            seed_images,
+            k,
+            requested,
+            distinct,
+            100 * share,
+        )
+
+
 def retrieve(pool_dir: Path, kept_manifest: Path, seed_dirs: Sequence[Path], out: Path, params: RetrieveParams) -> dict:
     """Curated manifest = union of what every seed set retrieves (plus a balanced sample when configured)."""
+    seeds = [load_embeddings(folder) for folder in seed_dirs]
+    sources = [seed.manifest.column("source")[0].as_py() for seed in seeds]
+    unknown = sorted(set(params.datasets) - set(sources))
+    if unknown:
+        given = ", ".join(sources) if sources else "no seed set"
+        raise ValueError(
+            f"retrieve.datasets names {', '.join(unknown)}, but no --seed folder holds that source (given: {given})"
+        )
     embeddings = load_embeddings(pool_dir)
+    for seed in seeds:
+        check_same_model(embeddings, seed)
     kept_ids = set(read_manifest(kept_manifest, check_files=False).column("id").to_pylist())
     pool_rows = np.array([i for i, image_id in enumerate(embeddings.ids) if image_id in kept_ids], dtype=np.int64)
     if len(pool_rows) == 0:
         raise ValueError(f"none of the images of {kept_manifest} are embedded in {pool_dir}")
     pool = embeddings.vectors[pool_rows]
     pool_manifest = embeddings.manifest.take(pa.array(pool_rows))
-    seeds = [load_embeddings(folder, expected_dim=embeddings.dim) for folder in seed_dirs]
-    sources = [seed.manifest.column("source")[0].as_py() for seed in seeds]
     modes = {source: params.for_dataset(source) for source in sources}
     index = VectorIndex(pool)
     needs_clusters = any(mode.mode == "cluster" for mode in modes.values())
@@ -171,6 +261,7 @@ def retrieve(pool_dir: Path, kept_manifest: Path, seed_dirs: Sequence[Path], out
             mode = modes[source]
             if mode.mode == "sample":
                 rows = sample_based(pool, seed.vectors, mode.k, index)
+                _report_collisions(source, len(seed.ids), min(mode.k, len(pool)), len(rows), metrics)
                 if mode.max_images is not None and len(rows) > mode.max_images:
                     rng = np.random.default_rng(params.seed)
                     rows = np.sort(rng.choice(rows, size=mode.max_images, replace=False))
