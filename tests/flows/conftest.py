@@ -57,6 +57,18 @@ def process_runs(pid: int) -> bool:
 
 
 @pytest.fixture(scope="session")
+def unused_port():
+    """A function returning a TCP port on 127.0.0.1 that nothing listens on."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
+def flows_services():
+    """``python -m flows.services ACTION`` (what `make up` / `make down` run) with a given environment."""
+    return services_command
+
+
+@pytest.fixture(scope="session")
 def services(tmp_path_factory) -> Iterator[LocalServices]:
     state = tmp_path_factory.mktemp("services")
     prefect_port, mlflow_port = free_port(), free_port()
