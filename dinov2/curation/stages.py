@@ -170,7 +170,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         write_table_atomically(manifest.take(pa.array(final_rows)), folder / "kept.parquet")
         # Each group best copy first: the kept image leads its rows in the table and in the grid.
         groups = [members[np.argsort(preference[members], kind="stable")] for members in result.groups()]
-        reasons = [kept_reason(members, preference, pixels, size_bytes) for members in groups]
+        reasons = [kept_reason(members, preference, pixels, size_bytes, paths) for members in groups]
         group_table = pa.table(
             {
                 "id": [ids[row] for members in groups for row in members],
@@ -190,6 +190,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         metrics = {
             "dedup/pool_images": counts["images"],
             "dedup/kept_most_pixels": reasons.count("most_pixels"),
+            "dedup/kept_lossless_file": reasons.count("lossless_file"),
             "dedup/kept_largest_file": reasons.count("largest_file"),
             "dedup/kept_first_path": reasons.count("first_path"),
             "dedup/self_removed": counts["removed"],

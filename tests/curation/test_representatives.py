@@ -10,16 +10,19 @@ from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams
 from dinov2.curation.representatives import kept_reason, preference_order
 
 
-def test_images_are_ranked_by_pixels_then_file_size_then_path():
-    pixels = np.array([100, 400, 400, 400, 50])
-    size_bytes = np.array([900, 300, 500, 500, 10])
-    paths = ["e.jpg", "d.jpg", "c.jpg", "b.jpg", "a.jpg"]
-    # Best first: b (400 px, 500 B, first path), c (same but later path), d (400 px, 300 B), e, a.
-    assert preference_order(pixels, size_bytes, paths).tolist() == [3, 2, 1, 0, 4]
+def test_images_are_ranked_by_pixels_then_lossless_storage_then_lossy_file_size_then_path():
+    pixels = np.array([100, 400, 400, 400, 400, 400, 50])
+    size_bytes = np.array([900, 300, 500, 500, 200, 100, 10])
+    paths = ["g.jpg", "f.jpg", "e.jpg", "d.jpg", "c.png", "b.png", "a.png"]
+    # Best first: the 400-pixel PNGs b and c (sizes of lossless files are not compared: path order), then the
+    # 400-pixel JPEGs by size, d before e (same size, path order), then f; then g (100 px) and a (50 px).
     rank = preference_order(pixels, size_bytes, paths)
-    assert kept_reason(np.array([0, 1]), rank, pixels, size_bytes) == "most_pixels"
-    assert kept_reason(np.array([1, 2]), rank, pixels, size_bytes) == "largest_file"
-    assert kept_reason(np.array([2, 3]), rank, pixels, size_bytes) == "first_path"
+    assert rank.tolist() == [5, 4, 3, 2, 1, 0, 6]
+    assert kept_reason(np.array([0, 1]), rank, pixels, size_bytes, paths) == "most_pixels"
+    assert kept_reason(np.array([1, 4]), rank, pixels, size_bytes, paths) == "lossless_file"
+    assert kept_reason(np.array([1, 2]), rank, pixels, size_bytes, paths) == "largest_file"
+    assert kept_reason(np.array([2, 3]), rank, pixels, size_bytes, paths) == "first_path"
+    assert kept_reason(np.array([4, 5]), rank, pixels, size_bytes, paths) == "first_path"
 
 
 def run_dedup(folder, tmp_path):
@@ -62,4 +65,21 @@ def test_between_copies_of_the_same_size_the_least_compressed_file_is_kept(tmp_p
     assert [(row["id"], row["kept"], row["kept_reason"]) for row in rows] == [
         ("web/b_fine.jpg", True, "largest_file"),
         ("web/a_recompressed.jpg", False, "largest_file"),
+    ]
+
+
+def test_a_lossless_original_is_kept_over_a_larger_jpeg_re_encoding_of_the_same_size(tmp_path, photos):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, photo in enumerate(photos[:2]):
+        photo.save(folder / f"other_{index}.png")
+    small = photos[2].convert("L").resize((28, 28), Image.BICUBIC)  # a thumbnail, as in a crawled pool
+    small.save(folder / "b_original.png")
+    small.save(folder / "a_copy.jpg", quality=95)
+    _, rows = run_dedup(folder, tmp_path)
+    sizes = {row["id"]: row["size_bytes"] for row in rows}
+    assert sizes["web/a_copy.jpg"] > sizes["web/b_original.png"]  # the JPEG is the larger file
+    assert [(row["id"], row["kept"], row["kept_reason"]) for row in rows] == [
+        ("web/b_original.png", True, "lossless_file"),
+        ("web/a_copy.jpg", False, "lossless_file"),
     ]
