@@ -112,3 +112,7 @@ _register_eval(app)
 from dinov2.distill.commands import register as _register_distill  # noqa: E402
 
 _register_distill(app)
+
+from dinov2.report.commands import register as _register_report  # noqa: E402
+
+_register_report(app)
