@@ -269,6 +269,8 @@ def _embed_shards(
     bar: tqdm,
 ) -> int:
     """Decode, preprocess (in ``num_workers`` worker processes) and embed the given shards; returns images embedded."""
+    if not shards:
+        return 0
     loader = DataLoader(
         _ManifestImages(paths, embedder.preprocess, views, max_pixels),
         batch_sampler=_shard_batches(shards, shard_size, len(paths), batch_size),

@@ -4,7 +4,9 @@
 truncated, not an image): the file is logged and counted in `dataset.skipped`, and the collate
 function drops the `None` and reports it as "n_skipped", so one bad JPEG never stops a run.
 With DataLoader workers each worker counts in its own copy of the dataset; "n_skipped" of the
-batches is the count that reaches the training process.
+batches is the count that reaches the training process. Images are read as the curation stages read
+them (``dinov2.data.images.read_rgb``): a JPEG over ``DEFAULT_MAX_PIXELS`` (40 megapixels) is decoded
+at 1/2, 1/4 or 1/8 scale, any other image over it skipped, so one huge file cannot exhaust a worker.
 """
 
 from collections.abc import Callable, Sequence
@@ -14,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from dinov2.data.images import SkippedImages, list_images, try_read_rgb
+from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, list_images, try_read_rgb
 
 UNLABELED = -1
 
@@ -35,7 +37,7 @@ class _ImageFileDataset:
         """The sample at `index`; `generator` is passed to the transform so its randomness is reproducible."""
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.paths)} images")
-        image = try_read_rgb(self.paths[index], self.skipped)
+        image = try_read_rgb(self.paths[index], self.skipped, DEFAULT_MAX_PIXELS)
         if image is None:
             return None
         if self.transform is None:

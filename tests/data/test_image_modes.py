@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinov2.data.datasets import ImageFolderDataset
 from dinov2.data.images import SkippedImages, read_rgb, to_rgb, try_read_rgb
 
 
@@ -110,3 +111,17 @@ def test_bilevel_images_are_black_and_white(tmp_path, suffix):
     image = Image.fromarray(np.array([[False, True], [True, False]]))
     assert image.mode == "1"
     assert grey(saved(image, tmp_path / f"bilevel.{suffix}")) == [[0, 255], [255, 0]]
+
+
+def test_the_pretraining_dataset_decodes_a_huge_jpeg_small_and_skips_a_huge_png(tmp_path):
+    huge = Image.new("RGB", (7000, 6000), (10, 200, 30))  # 42 megapixels, over the 40-megapixel limit
+    huge.save(tmp_path / "huge.jpg", quality=80)
+    huge.save(tmp_path / "huge.png")
+    dataset = ImageFolderDataset(tmp_path)
+    image, label = dataset[0]
+    assert image.size == (3500, 3000) and label == -1  # decoded at half scale
+    assert dataset[1] is None
+    assert dataset.skipped.reasons == [
+        "ImageTooLarge: 7000x6000 is 42.0 megapixels, over the limit of 40 (max_pixels), "
+        "and PNG cannot be decoded at a reduced size"
+    ]
