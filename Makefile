@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install data demo test test-fast lint clean
+.PHONY: install data demo pipeline check-backbone test test-fast lint clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -27,7 +27,16 @@ install: $(INSTALLED)
 data: $(INSTALLED)
 	$(PYTHON) -m dinov2.data.fashion_mnist
 
-demo: install
+# The whole system on the embedded default data: curation -> pretraining -> distillation -> evaluation
+# -> report (`dvc repro` under one parent MLflow run; outputs/report/report.html at the end).
+demo: install pipeline
+
+pipeline: install
+	@start=$$(date +%s); $(VENV)/bin/dinov2 pipeline; code=$$?; \
+	echo "pipeline: $$(( $$(date +%s) - start )) s; report in outputs/report/report.html"; exit $$code
+
+# A backbone embeds real photos, is exported, reloads and gives the same features (random init by default).
+check-backbone: install
 	$(VENV)/bin/dinov2 demo --out outputs/demo
 
 test: install

@@ -116,3 +116,14 @@ _register_distill(app)
 from dinov2.report.commands import register as _register_report  # noqa: E402
 
 _register_report(app)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pipeline(context: typer.Context) -> None:
+    """Run the DVC pipeline (`dvc repro`, extra arguments passed on) under one parent MLflow run with a
+    child run per stage."""
+    from dinov2.pipeline import run_pipeline
+
+    code = run_pipeline(list(context.args))
+    if code:
+        raise typer.Exit(code)

@@ -23,6 +23,7 @@ from typing import Any
 from dinov2.configuration import flatten
 
 LOCAL_TRACKING_DIR = Path("outputs/mlflow")
+PIPELINE_RUN_ENV = "DINOV2_PIPELINE_RUN_ID"  # set by `dinov2 pipeline`: stage runs become its children
 _MAX_PARAM_LENGTH = 6000
 _PARAMS_PER_CALL = 100
 
@@ -162,6 +163,11 @@ def tracked_run(
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(f"dinov2/{stage}", uri)
+    parent = os.environ.get(PIPELINE_RUN_ENV)
+    if parent and _run_exists(parent):
+        # a stage of a pipeline run: a child run under the pipeline's parent, in its experiment
+        experiment_id = mlflow.get_run(parent).info.experiment_id
+        tags = {**(tags or {}), "mlflow.parentRunId": parent}
     if resume_run_id is not None and not _run_exists(resume_run_id):
         resume_run_id = None
     if resume_run_id is not None:
@@ -176,3 +182,32 @@ def tracked_run(
             tracker.log_params(config)
             tracker.log_dict(config, "config/resolved.yaml")
         yield tracker
+
+
+def register_backbone(
+    tracker: Tracker, backbone_path: str | Path, name: str, metric: str, value: float
+) -> dict[str, str | bool]:
+    """Log a backbone as an MLflow model of the tracker's run, register it as a new version of ``name``
+    with the alias ``candidate``, and move ``champion`` to it when ``value`` of ``metric`` (higher is
+    better) beats the current champion's, or when there is none."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from dinov2.hub import load_backbone
+
+    model = load_backbone(backbone_path).eval()
+    info = mlflow.pytorch.log_model(model, name="backbone", pip_requirements=[f"torch=={torch.__version__}"])
+    version = mlflow.register_model(info.model_uri, name, tags={metric: str(value), "run_id": tracker.run_id})
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "candidate", version.version)
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        best = float(champion.tags.get(metric, "-inf"))
+    except mlflow.exceptions.MlflowException:
+        champion, best = None, float("-inf")
+    promoted = value > best
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version.version)
+    tracker.set_tags({"dinov2.registered": f"{name}/{version.version}", "dinov2.champion": str(promoted).lower()})
+    return {"name": name, "version": str(version.version), "champion": promoted}

@@ -19,15 +19,29 @@ def evaluate(
     params: Path = typer.Option(Path("params.yaml"), help="Params file; its `evaluate` section is read."),
     out: Path = typer.Option(Path("outputs/evaluate"), help="Report folder (replaced when the run completes)."),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="DVC metrics file."),
+    register_as: str | None = typer.Option(
+        None,
+        help="Register the backbone in the MLflow model registry under this name (alias candidate; "
+        "champion when it beats the current champion on evaluate.champion_metric); 'none' skips.",
+    ),
 ) -> None:
     """Evaluate a frozen backbone: kNN, linear probe, logistic regression, retrieval, dense heads (see params)."""
     from dinov2.configuration import load_section
     from dinov2.eval.params import EvaluateParams
     from dinov2.eval.report import mlflow_metrics, write_metrics_json, write_report
     from dinov2.eval.suite import check_inputs, load_evaluated_backbone, run_suite
-    from dinov2.tracking import tracked_run
+    from dinov2.tracking import register_backbone, tracked_run
 
     settings = load_section(params, "evaluate", EvaluateParams)
+    if register_as in (None, "none"):
+        register_as = None
+    elif not backbone.endswith(".safetensors"):
+        raise ValueError(f"--register-as {register_as}: only a .safetensors backbone can be registered, not {backbone}")
+    elif settings.champion_metric.split("_")[0] not in settings.evaluations:
+        raise ValueError(
+            f"evaluate.champion_metric {settings.champion_metric!r} needs the "
+            f"{settings.champion_metric.split('_')[0]!r} evaluation, which evaluate.evaluations does not run"
+        )
     evaluated = load_evaluated_backbone(backbone, weights)
     check_inputs(settings, evaluated)
     config = {"evaluate": json.loads(settings.model_dump_json()), "backbone": backbone, "weights": weights}
@@ -43,6 +57,19 @@ def evaluate(
         tracker.log_metrics(mlflow_metrics(result))
         tracker.log_dict(result.details, "evaluate/details.json")
         tracker.log_artifact(out, "evaluate")
+        if register_as is not None:
+            if settings.champion_metric not in result.metrics:
+                raise ValueError(
+                    f"evaluate.champion_metric {settings.champion_metric!r} was not computed; "
+                    f"computed: {', '.join(sorted(result.metrics))}"
+                )
+            registered = register_backbone(
+                tracker, backbone, register_as, settings.champion_metric, result.metrics[settings.champion_metric]
+            )
+            typer.echo(
+                f"registered {registered['name']} version {registered['version']} as candidate"
+                + (" and champion" if registered["champion"] else "")
+            )
     for key, value in sorted(result.metrics.items()):
         typer.echo(f"{key}: {value:.4f}")
     typer.echo(f"report in {out / 'report.md'}, metrics in {metrics}")

@@ -71,6 +71,8 @@ class EvaluateParams(Section):
     device: str = "cpu"
     seed: int = 0
     cache_dir: Path = Path("outputs/cache/evaluate")  # outside the output folder, which a run replaces
+    # `dinov2 evaluate --register-as NAME`: the metric (higher is better) that decides the champion alias
+    champion_metric: str = "knn_top1_k20"
     knn: KnnParams = KnnParams()
     linear: LinearParams = LinearParams()
     logreg: LogRegParams = LogRegParams()
