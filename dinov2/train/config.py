@@ -113,7 +113,9 @@ class CheckpointSection(Section):
 
 
 class EvaluationSection(Section):
-    knn_every_n_iterations: int = Field(0, ge=0, description="0: only at the end")
+    knn_every_n_iterations: int = Field(
+        0, ge=0, description="kNN of the final models every N iterations; 0: at the start and the end only"
+    )
     knn_dataset: str | None = Field(None, description="ImageFolder root with train/ and test/ for kNN")
     knn_max_train_images: int = Field(10000, gt=0)
     knn_max_test_images: int = Field(2000, gt=0)

@@ -406,23 +406,34 @@ def run_training(
                 iteration += 1
                 seconds = time.perf_counter() - tick
 
-                step_metrics = {f"train/{name}": value.item() for name, value in parts.items()}
+                # every loss as its mean over ranks (one collective), so curves do not depend on rank 0's batch
+                names = ["total_loss", *parts]
+                means = all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
+                step_metrics = {
+                    f"train/{name}": value / world_size for name, value in zip(names, means.tolist(), strict=True)
+                }
                 step_metrics.update({
-                    "train/total_loss": loss.item(), "train/lr": values["lr"], "train/wd": values["wd"],
+                    "train/lr": values["lr"], "train/wd": values["wd"],
                     "train/momentum": values["momentum"], "train/teacher_temp": values["teacher_temp"],
                     "train/images_per_second": recipe.train.batch_size / seconds,
                     "train/peak_memory_gib": peak_memory_gib(device), "train/skipped_images": skipped_images,
                 })  # fmt: skip
                 tracker.log_metrics(step_metrics, step=iteration)
                 history.append(iteration, {k.removeprefix("train/"): v for k, v in step_metrics.items()})
-                progress.update(task, completed=iteration, status=f"loss {loss.item():.3f}")
+                progress.update(task, completed=iteration, status=f"loss {step_metrics['train/total_loss']:.3f}")
                 if is_writer and (iteration % LOG_EVERY == 0 or iteration == stop):
                     logger.info(
                         "iteration %d/%d  loss %.4f  lr %.2e  %.1f img/s  %.2f GiB",
-                        iteration, total, loss.item(), values["lr"], step_metrics["train/images_per_second"],
+                        iteration, total, step_metrics["train/total_loss"], values["lr"],
+                        step_metrics["train/images_per_second"],
                         step_metrics["train/peak_memory_gib"],
                     )  # fmt: skip
 
+                knn_every = recipe.evaluation.knn_every_n_iterations
+                if knn_root is not None and knn_every and iteration % knn_every == 0 and iteration < total:
+                    knn = _knn_metrics(objective, knn_root, recipe, device)
+                    tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
+                    objective.train()
                 if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == stop:
                     save_checkpoint(
                         engine, objective.ema_state(), checkpoints, iteration, sampler, recipe.checkpoint.keep_last,
