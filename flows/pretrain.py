@@ -103,12 +103,13 @@ def pretrain(
     gpus_per_node: int = 1,
     cluster: ClusterSettings | None = None,
     retries: int = 2,
+    retry_delay_seconds: float = 30,
 ) -> dict[str, Any]:
     """DINOv2 pretraining of ``recipe`` on ``data`` into ``output`` (resumes from its checkpoints).
 
     ``overrides`` are recipe overrides (``optim.epochs=20``); ``launcher`` and ``nodes`` x
     ``gpus_per_node`` say where it runs, ``cluster`` the scheduler settings; ``retries`` how often a
-    transient failure is launched again."""
+    transient failure is launched again, ``retry_delay_seconds`` later."""
     cluster = cluster or ClusterSettings()
     if not dry_run and not data:
         raise ValueError("data is required to train: an image folder or a Parquet manifest (or set dry_run)")
@@ -128,7 +129,7 @@ def pretrain(
             description=f"pretraining plan for {recipe} on {launcher}",
         )
         return plan
-    launch_run.with_options(retries=retries)(launch, cluster)
+    launch_run.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)(launch, cluster)
     # a PyTorchJob writes into its volume, which the worker's machine does not see
     metrics_file = None if launcher == "kubernetes" else str(Path(output) / "metrics.json")
     return publish_results("pretrain", "dinov2/pretrain", metrics_file, notes=f"recipe `{recipe}`, output `{output}`")

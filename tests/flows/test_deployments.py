@@ -2,6 +2,11 @@
 against a real Prefect server, real workers and a real MLflow server on 127.0.0.1."""
 
 import json
+import os
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,16 +15,34 @@ pytestmark = pytest.mark.slow
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
-# 4 iterations of 8 images, a checkpoint every 2: the smallest run that trains, checkpoints and exports
+# 8 iterations of 8 images, a checkpoint every 4: killed after the first, resumed for the last 4
 TINY_RUN = json.dumps([
-    "train.batch_size=8", "optim.epochs=1", "train.iterations_per_epoch=4", "checkpoint.every_n_iterations=2",
+    "train.batch_size=8", "optim.epochs=1", "train.iterations_per_epoch=8", "checkpoint.every_n_iterations=4",
 ])  # fmt: skip
+
+
+def kill_engine_after_first_checkpoint(output: Path, killed: list[int], timeout: float = 400) -> None:
+    """SIGKILL the `dinov2 pretrain` process writing ``output`` once its first checkpoint is complete,
+    as a lost node or an out-of-memory kill would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (output / "checkpoints" / "latest").is_file():
+        time.sleep(0.05)
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, _, command = line.strip().partition(" ")
+        if "dinov2 pretrain" in command and f"--output {output} " in command and "--dry-run" not in command:
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
 
 
 @pytest.fixture(scope="module")
 def flow_runs(deployment_runs, image_folder, tmp_path_factory):
-    """The three deployment runs of this module, started together (the worker runs them side by side)."""
+    """The three deployment runs of this module, started together (the worker runs them side by side);
+    the CPU run's engine is killed after its first checkpoint."""
     output = tmp_path_factory.mktemp("pretrain_cpu") / "run"
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_engine_after_first_checkpoint, args=(output, killed), daemon=True)
+    killer.start()
     started = {
         "vitg dry run": deployment_runs.start("pretrain/vitg", "dry_run=true"),
         "cpu": deployment_runs.start(
@@ -27,10 +50,11 @@ def flow_runs(deployment_runs, image_folder, tmp_path_factory):
             f"data={json.dumps(str(image_folder(4, 0) / 'train'))}",
             f"output={json.dumps(str(output))}",
             f"overrides={TINY_RUN}",
+            "retry_delay_seconds=1",
         ),
         "unknown recipe": deployment_runs.start("pretrain/cpu", 'recipe="vitq99"'),
     }
-    return started, output
+    return started, output, killed
 
 
 def artifacts_of(services, flow_run_id: str) -> dict[str, str]:
@@ -73,32 +97,37 @@ def test_vitg_dry_run_completes_and_publishes_its_plan(services, deployment_runs
     assert "-m dinov2 pretrain --recipe vitg14 --data /mnt/dinov2/data/curated.parquet" in plan
 
 
-def test_cpu_pretraining_on_real_images_completes_and_its_mlflow_run_carries_the_flow_run(
+def test_cpu_pretraining_killed_after_a_checkpoint_resumes_completes_and_is_tagged_in_mlflow(
     services, deployment_runs, flow_runs
 ):
     from mlflow.tracking import MlflowClient
 
     returncode, flow_run_id, output = deployment_runs.finish(flow_runs[0]["cpu"])
     assert returncode == 0, output
-    run_folder = flow_runs[1]
+    run_folder, killed = flow_runs[1], flow_runs[2]
+    assert len(killed) == 1, "the engine was not running after its first checkpoint"
     metrics = json.loads((run_folder / "metrics.json").read_text())
-    assert metrics["iteration"] == 4
+    assert metrics["iteration"] == 8
     assert (run_folder / "teacher" / "backbone.safetensors").is_file()
+    # the launch task ran twice: killed (transient), then the same command again
+    task_runs = task_runs_of(services, flow_run_id)
+    assert [run["run_count"] for name, run in task_runs.items() if name.startswith("launch_run")] == [2]
+    logs = services.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    messages = [entry["message"] for entry in logs]
+    # the second launch resumed from the first checkpoint (iteration 4), not from scratch
+    assert any(f"resumed from {run_folder / 'checkpoints' / 'iter_0000004'} at iteration 4" in m for m in messages)
+    # the engine's output reached the Prefect logs line by line
+    assert sum(m.startswith("$ ") and "dinov2 pretrain" in m and "--dry-run" not in m for m in messages) == 2
+    assert any('"iteration": 8' in m for m in messages)
 
     client = MlflowClient(services.mlflow_url)
     experiment = client.get_experiment_by_name("dinov2/pretrain")
     runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    assert len(runs) == 1
-    assert runs[0].data.tags["dinov2.recipe"] == "cpu_tiny"
-    assert runs[0].data.metrics["train/total_loss"] == pytest.approx(metrics["total_loss"])
-
+    assert runs and all(run.data.tags["dinov2.recipe"] == "cpu_tiny" for run in runs)
     results = artifacts_of(services, flow_run_id)["pretrain-results"]
-    assert f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}" in results
-    assert "| `iteration` | 4 |" in results
-    # the engine's output reached the Prefect logs line by line
-    logs = services.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
-    assert any(entry["message"].startswith("$ ") and "dinov2 pretrain" in entry["message"] for entry in logs)
-    assert any('"iteration": 4' in entry["message"] for entry in logs)
+    for run in runs:
+        assert f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in results
+    assert "| `iteration` | 8 |" in results
 
 
 def test_an_unknown_recipe_fails_at_once_naming_it(services, deployment_runs, flow_runs):
