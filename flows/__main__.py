@@ -10,6 +10,7 @@ its URL, before any work.
 
 import argparse
 import importlib
+import inspect
 import sys
 
 import yaml
@@ -41,10 +42,25 @@ def main(argv: list[str] | None = None) -> None:
     except (ServiceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    from prefect.exceptions import ParameterTypeError
+
     flow = getattr(importlib.import_module(f"flows.{arguments.flow}"), arguments.flow)
-    result = flow(**parameters, return_state=True)
+    known = list(inspect.signature(flow.fn).parameters)
+    unknown = [name for name in parameters if name not in known]
+    if unknown:
+        print(
+            f"error: flow {arguments.flow} has no parameter {', '.join(unknown)}; it takes {', '.join(known)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        result = flow(**parameters, return_state=True)
+    except ParameterTypeError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     if not result.is_completed():
-        print(f"error: flow {arguments.flow} {result.type.value.lower()}: {result.message}", file=sys.stderr)
+        message = " ".join((result.message or "").split())
+        print(f"error: flow {arguments.flow} {result.type.value.lower()}: {message}", file=sys.stderr)
         sys.exit(1)
 
 
