@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ServiceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    from prefect.exceptions import ParameterTypeError
-
     flow = getattr(importlib.import_module(f"flows.{arguments.flow}"), arguments.flow)
     known = list(inspect.signature(flow.fn).parameters)
     unknown = [name for name in parameters if name not in known]
@@ -53,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    try:
-        result = flow(**parameters, return_state=True)
-    except ParameterTypeError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+    result = flow(**parameters, return_state=True)
     if not result.is_completed():
         message = " ".join((result.message or "").split())
         print(f"error: flow {arguments.flow} {result.type.value.lower()}: {message}", file=sys.stderr)
