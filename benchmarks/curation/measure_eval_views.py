@@ -23,7 +23,7 @@ from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THR
 from dinov2.curation.views import expand, parse_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "curation"))
-from conftest import COPY_EDITS, cropped  # noqa: E402  (the planted copies the tests use)
+from copy_edits import COPY_EDITS, cropped  # noqa: E402  (the planted copies the tests use)
 
 VIEW_SETS = [
     [],

@@ -1,51 +1,7 @@
-import io
-import random
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
-
-
-def reencoded(image: Image.Image) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=40)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
-def cropped(image: Image.Image, keep: float = 0.9) -> Image.Image:
-    width, height = image.size
-    crop_w, crop_h = int(width * keep), int(height * keep)
-    left, top = (width - crop_w) // 2 + 1, (height - crop_h) // 2
-    return image.crop((left, top, left + crop_w, top + crop_h))
-
-
-# The four edits a copy of a web image typically went through.
-COPY_EDITS = {
-    "reencoded": reencoded,
-    "resized": lambda image: image.resize((48, 48), Image.BICUBIC),
-    "cropped": cropped,
-    "flipped": ImageOps.mirror,
-}
-
-
-def cifar_images(root: Path, split: str, count: int, seed: int) -> list[Path]:
-    files = sorted((root / split).rglob("*.jpg"))
-    random.Random(seed).shuffle(files)
-    return files[:count]
-
-
-@pytest.fixture(scope="session")
-def planted_copies(cifar10_root) -> tuple[list[Image.Image], np.ndarray]:
-    """3,000 real CIFAR-10 test images + 4 edited copies of each of the first 300; group = original's index."""
-    originals = [Image.open(path).convert("RGB") for path in cifar_images(cifar10_root, "test", 3000, seed=0)]
-    images, groups = list(originals), list(range(len(originals)))
-    for index in range(300):
-        for edit in COPY_EDITS.values():
-            images.append(edit(originals[index]))
-            groups.append(index)
-    return images, np.array(groups)
+from copy_edits import COPY_EDITS, photo_thumbnails
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +14,25 @@ def mnist_digits() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def planted_copies(mnist_digits) -> tuple[list[Image.Image], np.ndarray]:
+    """The 19 photographs (64 px thumbnails), then the 4 edited copies of each in COPY_EDITS order (76), then
+    3,000 unrelated real images: 2,000 Fashion-MNIST test items and 1,000 MNIST digits.
+    Group: the photo's index for a photo and its copies, an index of its own for every unrelated image."""
+    from dinov2.data.fashion_mnist import load_fashion_mnist
+
+    photos = list(photo_thumbnails().values())
+    items, _ = load_fashion_mnist(train=False)
+    chosen = np.random.default_rng(0).permutation(len(items))[:2000]
+    unrelated = [Image.fromarray(pixels).convert("RGB") for pixels in [*items[chosen], *mnist_digits[:1000]]]
+    images = photos + [edit(photo) for photo in photos for edit in COPY_EDITS.values()] + unrelated
+    groups = [*range(len(photos)), *np.repeat(np.arange(len(photos)), len(COPY_EDITS)).tolist()]
+    groups += range(len(photos), len(photos) + len(unrelated))
+    return images, np.array(groups)
+
+
+@pytest.fixture(scope="session")
 def planted_descriptors(planted_copies) -> np.ndarray:
-    """Copy descriptors of the 4,200 planted-copies images (computed once: about 20 s on 2 cores)."""
+    """Copy descriptors of the 3,095 planted-copies images (computed once: a few seconds on 2 cores)."""
     from dinov2.curation.descriptors import copy_descriptor
 
     images, _ = planted_copies
