@@ -55,6 +55,7 @@ def distill(
         )
         return plan
     run_stage.with_options(retries=retries)("distill", [*DINOV2, *arguments])
-    return publish_results(
-        "distill", "dinov2/distill", f"{output}/metrics.json", notes=f"recipe `{recipe}`, teacher `{teacher}`"
+    published = publish_results(
+        "distill", "dinov2/distill", [f"{output}/metrics.json"], notes=f"recipe `{recipe}`, teacher `{teacher}`"
     )
+    return next(iter(published.values()), {})

@@ -24,4 +24,7 @@ def evaluate(
     export or a torch.hub name), as configured in the ``evaluate`` section of ``params``."""
     check_tracking_server()
     run_stage.with_options(retries=retries)("evaluate", evaluate_command(backbone, weights, params, out, metrics))
-    return publish_results("evaluate", "dinov2/evaluate", metrics, notes=f"backbone `{backbone}`, report `{out}`")
+    published = publish_results(
+        "evaluate", "dinov2/evaluate", [metrics], notes=f"backbone `{backbone}`, report `{out}`"
+    )
+    return next(iter(published.values()), {})

@@ -1,8 +1,9 @@
 """The ``pipeline`` flow: the DVC pipeline (dvc.yaml) stage by stage, one Prefect task per stage.
 
-Each task is ``dvc repro <stage>``: DVC decides what is out of date and runs the stage's ``dinov2``
-command; Prefect adds the logs, retries, the flow-run tag on the MLflow runs and one results artifact
-per stage (the stage's DVC metrics files and its MLflow runs).
+Each task is ``dvc repro <stage>`` in the flow run's working directory (the repository, set by the
+deployments' pull step): DVC decides what is out of date and runs the stage's ``dinov2`` command;
+Prefect adds the logs, retries, the flow-run tag on the MLflow runs and one results artifact per stage
+(the DVC metrics files under ``outputs/<stage>/`` and the stage's MLflow runs).
 """
 
 from pathlib import Path
@@ -10,41 +11,44 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from flows.launchers import REPOSITORY
 from flows.services import check_tracking_server
 from flows.stages import DVC, publish_results, run_stage
 
 PIPELINE_STAGES = ("prepare", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
 
 
-def read_stages(repository: Path) -> dict[str, dict]:
+def read_pipeline(repository: Path) -> dict:
     path = repository / "dvc.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the pipeline flows run `dvc repro` in a repository with a dvc.yaml")
-    return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    return yaml.safe_load(path.read_text()) or {}
 
 
-def metrics_files(definition: dict) -> list[str]:
-    """The metrics files a dvc.yaml stage declares (plain entries or ``{path: {cache: false}}``)."""
-    body = definition.get("do", definition)  # a foreach stage declares them under do:
-    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in body.get("metrics", [])]
+def metrics_files(pipeline: dict, stage: str) -> list[str]:
+    """The DVC metrics files of a stage: declared at the top of dvc.yaml or in the stage (plain entries
+    or ``{path: {cache: false}}``), and inside the stage's ``outputs/<stage>/`` folder."""
+    definition = pipeline.get("stages", {}).get(stage, {})
+    entries = [*pipeline.get("metrics", []), *definition.get("do", definition).get("metrics", [])]
+    paths = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+    return [path for path in dict.fromkeys(paths) if path.startswith(f"outputs/{stage}/") and "${" not in path]
 
 
-def repro(stages: list[str], retries: int, repository: Path = REPOSITORY) -> dict[str, dict]:
-    """``dvc repro`` each stage in turn; returns the metrics of each (from its first metrics file)."""
-    check_tracking_server()
-    defined = read_stages(repository)
+def repro(stages: list[str], retries: int) -> dict[str, dict]:
+    """``dvc repro`` each stage in turn; returns each stage's metrics by file."""
+    repository = Path.cwd()
+    pipeline = read_pipeline(repository)
+    defined = list(pipeline.get("stages", {}))
     unknown = [stage for stage in stages if stage not in defined]
     if unknown:
         raise ValueError(
             f"stage(s) {', '.join(unknown)} not in {repository / 'dvc.yaml'} (it has {', '.join(defined)})"
         )
+    check_tracking_server()
     results = {}
     for stage in stages:
-        run_stage.with_options(retries=retries)(stage, [*DVC, "repro", stage], cwd=str(repository))
-        files = metrics_files(defined[stage])
-        metrics_file = str(repository / files[0]) if files and "${" not in files[0] else None
-        results[stage] = publish_results(stage, f"dinov2/{stage}", metrics_file, notes=f"`dvc repro {stage}`")
+        run_stage.with_options(retries=retries)(stage, [*DVC, "repro", stage])
+        files = [str(repository / path) for path in metrics_files(pipeline, stage)]
+        results[stage] = publish_results(stage, f"dinov2/{stage}", files, notes=f"`dvc repro {stage}`")
     return results
 
 
@@ -52,5 +56,5 @@ def repro(stages: list[str], retries: int, repository: Path = REPOSITORY) -> dic
 def pipeline(stages: list[str] | None = None, retries: int = 1) -> dict[str, dict]:
     """The whole pipeline (prepare, embed, dedup, retrieve, pretrain, distill, evaluate, report) or the
     listed ``stages`` of it, in that order, through DVC."""
-    defined = read_stages(REPOSITORY)
+    defined = read_pipeline(Path.cwd()).get("stages", {})
     return repro(list(stages or [stage for stage in PIPELINE_STAGES if stage in defined]), retries)

@@ -131,5 +131,6 @@ def pretrain(
         return plan
     launch_run.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)(launch, cluster)
     # a PyTorchJob writes into its volume, which the worker's machine does not see
-    metrics_file = None if launcher == "kubernetes" else str(Path(output) / "metrics.json")
-    return publish_results("pretrain", "dinov2/pretrain", metrics_file, notes=f"recipe `{recipe}`, output `{output}`")
+    metrics_files = [] if launcher == "kubernetes" else [str(Path(output) / "metrics.json")]
+    published = publish_results("pretrain", "dinov2/pretrain", metrics_files, f"recipe `{recipe}`, output `{output}`")
+    return next(iter(published.values()), {})

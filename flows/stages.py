@@ -68,6 +68,8 @@ def stage_environment() -> dict[str, str]:
     """The environment of a stage command: the flow-run id for its MLflow tags, the MLflow store the flow
     reads back (also when the stage runs in another folder), unbuffered output for line-by-line logs."""
     environment = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "PYTHONUNBUFFERED": "1"}
+    # dvc.yaml's commands call `dinov2` and `python` by name: this interpreter's environment comes first
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
     environment.setdefault("COLUMNS", "160")  # rich wraps tables at 80 columns without a terminal
     if flow_run.id:
         environment["PREFECT__FLOW_RUN_ID"] = flow_run.id
@@ -182,17 +184,19 @@ def artifact_key(*parts: str) -> str:
 
 
 @task(task_run_name="report-{stage}", cache_policy=NO_CACHE)
-def publish_results(stage: str, experiment: str, metrics_file: str | None, notes: str = "") -> dict[str, Any]:
-    """A Markdown artifact with the stage's metrics.json and links to its MLflow runs; returns the metrics."""
-    metrics: dict[str, Any] = {}
+def publish_results(stage: str, experiment: str, metrics_files: list[str], notes: str = "") -> dict[str, Any]:
+    """A Markdown artifact with the stage's metrics files as tables and links to its MLflow runs; returns
+    the metrics of each file that exists, by path."""
+    found: dict[str, Any] = {}
     lines = [f"# {stage}", ""]
     if notes:
         lines += [notes, ""]
-    if metrics_file and Path(metrics_file).is_file():
-        metrics = json.loads(Path(metrics_file).read_text())
-        lines += [f"Metrics from `{metrics_file}`:", "", metrics_table(metrics), ""]
-    elif metrics_file:
-        lines += [f"No metrics file at `{metrics_file}` on the worker's machine.", ""]
+    for path in metrics_files:
+        if Path(path).is_file():
+            found[path] = json.loads(Path(path).read_text())
+            lines += [f"Metrics from `{path}`:", "", metrics_table(found[path]), ""]
+        else:
+            lines += [f"No metrics file at `{path}` on the worker's machine.", ""]
     runs = mlflow_runs(experiment, flow_run.id) if flow_run.id else []
     if runs:
         lines += [f"MLflow runs in `{experiment}` tagged `prefect.flow_run_id={flow_run.id}`:", ""]
@@ -200,4 +204,4 @@ def publish_results(stage: str, experiment: str, metrics_file: str | None, notes
     else:
         lines += [f"No MLflow run in `{experiment}` carries `prefect.flow_run_id={flow_run.id}`."]
     create_markdown_artifact("\n".join(lines), key=artifact_key(stage, "results"), description=f"{stage} results")
-    return metrics
+    return found
