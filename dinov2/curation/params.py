@@ -5,27 +5,43 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from dinov2.configuration import Section
-from dinov2.curation.default_data import DISTRACTOR_PHOTOS, MNIST_DIGITS
+from dinov2.curation.default_data import DISTRACTOR_PHOTOS, FASHION_MNIST, MNIST_DIGITS
 from dinov2.curation.views import parse_views
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, IMAGES_PER_CLASS
 from dinov2.data.images import DEFAULT_MAX_PIXELS
 
 
 class DefaultData(Section):
-    """Sizes of the default data set that ``dinov2 prepare-default`` cuts from Fashion-MNIST (default_data.py)."""
+    """What ``dinov2 prepare-default`` cuts the pipeline's data from, and the sizes it cuts (default_data.py).
 
+    The checks here need no file; an image folder is checked against the sizes when the stage opens it.
+    """
+
+    source: str = Field(
+        FASHION_MNIST,
+        min_length=1,
+        description="fashion_mnist, or the path of an image folder holding train/<class>/ and test/<class>/ "
+        "(relative: to the working directory).",
+    )
     seed: int = Field(0, description="Seed of every draw: which images go where, which copies, which edits.")
     seed_per_class: int = Field(50, ge=1, description="Labelled seed images per class (from train).")
-    pool_images: int = Field(5000, ge=1, description="Fashion-MNIST train images in the uncurated pool.")
+    pool_images: int = Field(5000, ge=1, description="The source's own train images in the uncurated pool.")
     eval_train_per_class: int = Field(100, ge=1, description="Labelled train images per class for kNN / linear.")
-    eval_test_per_class: int = Field(100, ge=1, le=IMAGES_PER_CLASS["test"], description="Test images per class.")
+    eval_test_per_class: int = Field(100, ge=1, description="Test images per class.")
     pool_duplicates: int = Field(250, ge=0, description="Edited copies of pool images planted in the pool.")
     test_copies: int = Field(150, ge=0, description="Edited copies of evaluation test images planted in the pool.")
     distractor_digits: int = Field(500, ge=0, le=MNIST_DIGITS, description="MNIST digits planted in the pool.")
     distractor_photos: int = Field(20, ge=0, le=len(DISTRACTOR_PHOTOS), description="Photos planted in the pool.")
 
     @model_validator(mode="after")
-    def _fits_fashion_mnist(self) -> "DefaultData":
+    def _fits_the_source(self) -> "DefaultData":
+        if self.source == FASHION_MNIST:
+            self._fits_fashion_mnist()
+        if self.pool_duplicates > self.pool_images:
+            raise ValueError(f"pool_duplicates = {self.pool_duplicates} exceeds pool_images = {self.pool_images}")
+        return self
+
+    def _fits_fashion_mnist(self) -> None:
         classes = len(FASHION_MNIST_CLASSES)
         per_class = self.seed_per_class + self.eval_train_per_class
         if per_class > IMAGES_PER_CLASS["train"]:
@@ -36,13 +52,15 @@ class DefaultData(Section):
         train_left = classes * (IMAGES_PER_CLASS["train"] - per_class)
         if self.pool_images > train_left:
             raise ValueError(f"pool_images = {self.pool_images} exceeds the {train_left} train images left")
-        if self.pool_duplicates > self.pool_images:
-            raise ValueError(f"pool_duplicates = {self.pool_duplicates} exceeds pool_images = {self.pool_images}")
+        if self.eval_test_per_class > IMAGES_PER_CLASS["test"]:
+            raise ValueError(
+                f"eval_test_per_class = {self.eval_test_per_class} exceeds the {IMAGES_PER_CLASS['test']} test "
+                "images of a class"
+            )
         if self.test_copies > classes * self.eval_test_per_class:
             raise ValueError(
                 f"test_copies = {self.test_copies} exceeds the {classes * self.eval_test_per_class} test images"
             )
-        return self
 
 
 class PrepareParams(Section):

@@ -1,5 +1,7 @@
-"""The default data set: Fashion-MNIST seed / pool / eval folders with planted copies, and how curation is scored."""
+"""The pipeline's data: seed / pool / eval folders with planted copies, cut from Fashion-MNIST or from an image
+folder, and how curation is scored."""
 
+import hashlib
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from dinov2.cli import run
 from dinov2.curation.default_data import (
     BRIGHTNESS_FACTOR,
     CROP_KEPT,
@@ -27,6 +30,7 @@ from dinov2.curation.default_data import (
 )
 from dinov2.curation.params import DefaultData
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from dinov2.data.images import read_rgb
 
 SMALL = dict(
     seed_per_class=2,
@@ -147,6 +151,37 @@ def test_the_same_seed_writes_the_same_bytes_and_another_seed_does_not(small_bui
     build_default_data(other, DefaultData(**{**SMALL, "seed": 1}))
     assert files_under(other / "seed") != files_under(out / "seed")
     assert files_under(other / "pool" / "planted") != files_under(out / "pool" / "planted")
+
+
+# The ground truth of the SMALL build and a digest of its file names, recorded from the build before image folders
+# became a source (commit d247441): which images went where, which copies with which edits.
+SMALL_GROUND_TRUTH = [
+    ("pool/planted/duplicate_0000.png", "pool/fashion/train_51217.png", "rotate:-8.7"),
+    ("pool/planted/duplicate_0001.png", "pool/fashion/train_31162.png", "rotate:-1.5+brightness:0.84"),
+    ("pool/planted/duplicate_0002.jpg", "pool/fashion/train_31162.png", "flip+brightness:1.16+jpeg:81"),
+    ("pool/planted/duplicate_0003.png", "pool/fashion/train_31162.png", "flip"),
+    ("pool/planted/duplicate_0004.png", "pool/fashion/train_45347.png", "crop:0.87@0,4+rotate:3.2"),
+    ("pool/planted/duplicate_0005.png", "pool/fashion/train_45347.png", "flip+brightness:1.06"),
+    ("pool/planted/test_copy_0000.png", "eval/test/coat/test_3617.png", "crop:0.88@1,2"),
+    ("pool/planted/test_copy_0001.jpg", "eval/test/coat/test_2678.png", "flip+brightness:0.78+jpeg:75"),
+    ("pool/planted/test_copy_0002.jpg", "eval/test/t-shirt_top/test_1403.png", "crop:0.85@1,2+brightness:1.23+jpeg:70"),
+    ("pool/planted/test_copy_0003.png", "eval/test/sneaker/test_9553.png", "rotate:9.7+brightness:1.2"),
+    ("pool/distractors/digit_1303.png", "mnist:1303", ""),
+    ("pool/distractors/digit_3678.png", "mnist:3678", ""),
+    ("pool/distractors/digit_4804.png", "mnist:4804", ""),
+    ("pool/distractors/photo_gravel.png", "skimage:gravel", "resize:28"),
+    ("pool/distractors/photo_microaneurysms.png", "skimage:microaneurysms", "resize:28"),
+]
+SMALL_FILE_NAMES_SHA256 = "cb1b7af0bfaa5cdc329433f0368f15ddba2084ed8fe442df2c20c109dba8bcdb"
+
+
+def test_fashion_mnist_is_cut_as_before_image_folders_became_a_source(small_build):
+    out, _ = small_build
+    truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
+    assert [(row["path"], row["original"], row["edit"]) for row in truth] == SMALL_GROUND_TRUTH
+    names = sorted(name for name in files_under(out) if not name.startswith("manifests/"))
+    assert len(names) == 108
+    assert hashlib.sha256("\n".join(names).encode()).hexdigest() == SMALL_FILE_NAMES_SHA256
 
 
 def dinov2(*args: str, cwd: Path) -> subprocess.Popen:
@@ -271,3 +306,275 @@ def test_nothing_removed_leaves_the_ratios_without_a_denominator_out(tmp_path):
         "curation/unplanted_removed": 0,
         "curation/unplanted_removed_share": 0.0,
     }
+
+
+# An image folder as a source: crops of real photographs at different sizes, in three encodings per class.
+PHOTO_CLASSES = ("astronaut", "camera", "china", "coffee")
+PHOTO_SIZES = dict(
+    seed_per_class=2,
+    eval_train_per_class=2,
+    pool_images=24,  # every readable, distinct train image left: the draw meets every train file
+    eval_test_per_class=3,
+    pool_duplicates=6,
+    test_copies=12,  # every evaluation test image, so every encoding is copied
+    distractor_digits=3,
+    distractor_photos=2,
+)
+
+
+def photograph(name: str) -> Image.Image:
+    if name == "china":
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image("china.jpg"))
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+def write_crops(folder: Path, name: str, count: int, rng: np.random.Generator) -> list[Path]:
+    """``count`` crops of the photograph ``name``, 24-56 px a side (not square), saved in turn as an RGB JPEG,
+    an 8-bit grey PNG and a 16-bit grey PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = photograph(name).convert("RGB")
+    paths = []
+    for number in range(count):
+        side = int(rng.integers(120, 301))
+        left, top = (int(rng.integers(0, extent - side)) for extent in image.size)
+        size = (int(rng.integers(24, 57)), int(rng.integers(24, 57)))
+        crop = image.crop((left, top, left + side, top + side)).resize(size, Image.BILINEAR)
+        if number % 3 == 0:
+            paths.append(folder / f"{name}_{number}.jpg")
+            crop.save(paths[-1], quality=90)
+        elif number % 3 == 1:
+            paths.append(folder / f"{name}_{number}.png")
+            crop.convert("L").save(paths[-1])
+        else:
+            paths.append(folder / f"{name}_{number}.png")
+            Image.fromarray(np.asarray(crop.convert("L"), dtype=np.uint16) * 257).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """<root>/{train,test}/<class>/: 10 train and 3 test crops per class, plus in train a truncated JPEG and an
+    exact copy of another train file."""
+    root = tmp_path_factory.mktemp("work") / "photos"
+    rng = np.random.default_rng(0)
+    for name in PHOTO_CLASSES:
+        write_crops(root / "train" / name, name, 10, rng)
+        write_crops(root / "test" / name, name, 3, rng)
+    jpeg = (root / "train" / "astronaut" / "astronaut_0.jpg").read_bytes()
+    (root / "train" / "astronaut" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "train" / "coffee" / "coffee_1_again.png").write_bytes(
+        (root / "train" / "coffee" / "coffee_1.png").read_bytes()
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def photo_build(photo_folder) -> tuple[Path, str]:
+    """`dinov2 prepare-default` run for real, with the folder named by a path relative to the working directory."""
+    work = photo_folder.parent
+    (work / "params.yaml").write_text(
+        yaml.safe_dump({"prepare": {"default_data": {"source": "photos", **PHOTO_SIZES}}})
+    )
+    command = dinov2("prepare-default", "--out", "prepare", "--params", "params.yaml", cwd=work)
+    output = command.communicate(timeout=300)[0]
+    assert command.returncode == 0, output
+    return work / "prepare", output
+
+
+def test_an_image_folder_is_cut_into_the_configured_counts_with_its_skipped_files_recorded(photo_build, photo_folder):
+    out, output = photo_build
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "prepare/seed_images": 8,
+        "prepare/eval_train_images": 8,
+        "prepare/eval_test_images": 12,
+        "prepare/pool_images": 24 + 6 + 12 + 3 + 2,
+        "prepare/pool_folder_images": 24,
+        "prepare/planted_pool_duplicates": 6,
+        "prepare/planted_test_copies": 12,
+        "prepare/distractor_digits": 3,
+        "prepare/distractor_photos": 2,
+        **{f"prepare/{name}_unreadable": 0 for name in ("seed", "pool", "eval_train", "eval_test")},
+        "prepare/source_unreadable": 1,
+        "prepare/source_exact_copies": 1,
+    }
+    assert "47 pool images" in output
+    for name in PHOTO_CLASSES:
+        assert len(list((out / "seed" / name).iterdir())) == 2
+        assert len(list((out / "eval" / "train" / name).iterdir())) == 2
+        assert len(list((out / "eval" / "test" / name).iterdir())) == 3
+    assert len(list((out / "pool" / "folder").iterdir())) == 24
+    truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
+    assert [row["kind"] for row in truth] == ["pool_duplicate"] * 6 + ["test_copy"] * 12 + ["distractor"] * 5
+    skipped = pq.read_table(out / "source_skipped.parquet").to_pylist()
+    assert skipped[0]["path"] == str(photo_folder / "train" / "astronaut" / "truncated.jpg")
+    assert skipped[0]["reason"].startswith("OSError: ") and "truncated" in skipped[0]["reason"].lower()
+    copies = {str(photo_folder / "train" / "coffee" / name) for name in ("coffee_1.png", "coffee_1_again.png")}
+    assert {skipped[1]["path"], skipped[1]["reason"].removeprefix("exact copy of ")} == copies
+
+
+def test_an_image_folder_s_files_are_copied_byte_for_byte_under_their_class_and_split(photo_build, photo_folder):
+    out, _ = photo_build
+    where = {}  # bytes -> (split, class) of the folder's files
+    for path in photo_folder.rglob("*.*"):
+        where.setdefault(path.read_bytes(), (path.parent.parent.name, path.parent.name))
+    for folder, split in (("seed", "train"), ("eval/train", "train"), ("eval/test", "test")):
+        for path in (out / folder).rglob("*.*"):
+            assert where[path.read_bytes()] == (split, path.parent.name)
+            assert path.name.startswith(f"{split}_")
+    pool = [path.read_bytes() for path in (out / "pool" / "folder").iterdir()]
+    assert all(where[data][0] == "train" for data in pool)
+    labelled = [path.read_bytes() for path in [*(out / "seed").rglob("*.*"), *(out / "eval").rglob("*.*")]]
+    assert len(set(pool + labelled)) == 24 + 8 + 8 + 12
+    assert {row["label"] for row in manifest(out, "seed")} == set(PHOTO_CLASSES)
+    assert {row["source"] for row in manifest(out, "eval_test")} == {"folder_eval_test"}
+
+
+def test_every_planted_copy_of_a_folder_image_keeps_its_size_and_its_edits_reproduce_it(photo_build, tmp_path):
+    out, _ = photo_build
+    truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
+    pool = {row["id"]: row for row in manifest(out, "pool")}
+    eval_test = {row["id"]: row for row in manifest(out, "eval_test")}
+    own_sides = [min(Image.open(path).size) for path in (out / "pool" / "folder").iterdir()]
+    side = round(float(np.median(own_sides)))
+    assert 24 <= side <= 56
+    for row in truth:
+        planted = pool[row["id"]]
+        assert (planted["path"], planted["split"], planted["label"]) == (str(out.resolve() / row["path"]), "pool", "")
+        if row["kind"] == "distractor":
+            assert (planted["width"], planted["height"]) == (side, side)
+            assert row["edit"] == f"resize:{side}"
+            continue
+        original = (pool if row["kind"] == "pool_duplicate" else eval_test)[row["original_id"]]
+        assert original["path"] == str(out.resolve() / row["original"])
+        assert (planted["width"], planted["height"]) == (original["width"], original["height"])
+        # The copy is made from the original as read_rgb reads it (16-bit grey scaled, not clipped to white).
+        again = write_copy(read_rgb(out / row["original"]), parse_edits(row["edit"]), tmp_path / "again")
+        assert again.read_bytes() == (out / row["path"]).read_bytes()
+        again.unlink()
+    copied = {row["original"] for row in truth if row["kind"] == "test_copy"}
+    assert copied == {f"eval/test/{row['label']}/{Path(row['path']).name}" for row in eval_test.values()}
+
+
+def test_an_image_folder_build_is_the_same_bytes_in_process_and_from_the_command(photo_build, photo_folder, tmp_path):
+    out, _ = photo_build
+    again = tmp_path / "again"
+    build_default_data(again, DefaultData(source=str(photo_folder), **PHOTO_SIZES))
+    images = {name: data for name, data in files_under(out).items() if not name.startswith("manifests/")}
+    assert images == {name: data for name, data in files_under(again).items() if not name.startswith("manifests/")}
+
+
+def cli_error(args: list[str], monkeypatch, capsys) -> str:
+    """Run the `dinov2` command in this process, as its console script does; it must exit 2. Returns its output."""
+    monkeypatch.setattr(sys, "argv", ["dinov2", *args])
+    with pytest.raises(SystemExit) as exit_status:
+        run()
+    assert exit_status.value.code == 2
+    return capsys.readouterr().out
+
+
+FOLDER = {"train/cat": 6, "train/dog": 6, "test/cat": 3, "test/dog": 3}
+FOLDER_SIZES = dict(
+    seed_per_class=2,
+    eval_train_per_class=2,
+    pool_images=4,
+    eval_test_per_class=3,
+    pool_duplicates=2,
+    test_copies=6,
+    distractor_digits=0,
+    distractor_photos=0,
+)
+
+
+@pytest.mark.parametrize(
+    "folder, sizes, message",
+    [
+        (None, {}, "prepare.default_data.source: image folder not found: {root}"),
+        (
+            {"train/cat": 6},
+            {},
+            "prepare.default_data.source: {root} has no test/ folder; expected {root}/train/<class>/ and "
+            "{root}/test/<class>/",
+        ),
+        (
+            {"train": 6, "test/cat": 3},
+            {},
+            "prepare.default_data.source: {root}/train holds no class folders; "
+            "expected {root}/train/<class>/<image files>",
+        ),
+        (
+            {"train/cat": 6, "train/dog": 6, "test/cat": 3, "test/eel": 3},
+            {},
+            "prepare.default_data.source: the class folders of {root}/train and {root}/test differ: "
+            "only in train: dog; only in test: eel",
+        ),
+        (
+            {**FOLDER, "train/dog": 3},
+            {},
+            "prepare.default_data: 1 of 2 classes hold fewer than seed_per_class + eval_train_per_class = 4 images in "
+            "{root}/train: 'dog' 3",
+        ),
+        (
+            {**FOLDER, "test/dog": 2},
+            {},
+            "prepare.default_data: 1 of 2 classes hold fewer than eval_test_per_class = 3 images in {root}/test: "
+            "'dog' 2",
+        ),
+        (
+            FOLDER,
+            {"pool_images": 5},
+            "prepare.default_data: pool_images = 5 exceeds the 4 images of {root}/train left after seed_per_class + "
+            "eval_train_per_class",
+        ),
+        (
+            FOLDER,
+            {"test_copies": 7},
+            "prepare.default_data: test_copies = 7 exceeds the 6 evaluation test images (2 classes x "
+            "eval_test_per_class = 3)",
+        ),
+    ],
+    ids=[
+        "missing",
+        "no-test-split",
+        "no-class-folders",
+        "classes-differ",
+        "too-few-train",
+        "too-few-test",
+        "pool-larger-than-the-folder",
+        "more-test-copies-than-test-images",
+    ],
+)
+def test_a_bad_image_folder_is_a_one_line_error_before_any_output(
+    folder, sizes, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for place, count in (folder or {}).items():
+        write_crops(root / place, "astronaut", count, rng)
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"prepare": {"default_data": {"source": "images", **FOLDER_SIZES, **sizes}}})
+    )
+    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"], monkeypatch, capsys)
+    assert out == f"error: {message.format(root=root)}\n"
+    assert not (tmp_path / "prepare").exists() and not (tmp_path / ".prepare.partial").exists()
+
+
+def test_unreadable_files_that_leave_too_few_images_are_an_error_after_decoding_before_any_output(
+    photo_folder, tmp_path, monkeypatch, capsys
+):
+    """The photo folder lists 26 train files beyond seed and eval_train, but one is truncated and one an exact copy."""
+    monkeypatch.chdir(tmp_path)
+    sizes = {**PHOTO_SIZES, "pool_images": 25}
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"prepare": {"default_data": {"source": str(photo_folder), **sizes}}})
+    )
+    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"], monkeypatch, capsys)
+    assert out == (
+        "error: prepare.default_data: pool_images = 25 exceeds the 24 readable, distinct train images left after "
+        "seed_per_class + eval_train_per_class\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
