@@ -115,7 +115,10 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
     (pool / "digits").mkdir()
     for index, digit in enumerate(mnist_digits[:300]):
         Image.fromarray(digit).convert("RGB").resize((32, 32)).save(pool / "digits" / f"{index}.png")
-    (tmp_path / "params.yaml").write_text("retrieve:\n  datasets:\n    photo_seed: {mode: sample, k: 2}\n")
+    # The digits are one duplicate group to the copy descriptor: dedup's guard must say so, and go on when told to.
+    (tmp_path / "params.yaml").write_text(
+        "dedup:\n  guards: warn\nretrieve:\n  datasets:\n    photo_seed: {mode: sample, k: 2}\n"
+    )
     for name, split, folder in [
         ("web", "pool", pool),
         ("photo_seed", "seed", tmp_path / "seed"),
@@ -129,6 +132,7 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
         assert result.returncode == 0, result.stdout + result.stderr
     result = dinov2("dedup", "--pool", "e/web", "--eval", "e/photo_test", "--out", "d", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-dedup put 300 of 370 pool images (81.1%) in one duplicate group" in result.stdout + result.stderr
     dedup = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert dedup["dedup/pool_images"] == 10 + 60 + 300
     assert dedup["dedup/eval_vectors"] == 5 * 3  # each eval image and its two default views
