@@ -290,6 +290,8 @@ class ImageFolderSource:
     @classmethod
     def open(cls, root: Path, sizes: "DefaultData") -> "ImageFolderSource":
         """List the folder and check that it can supply ``sizes``: each problem is a one-line error naming it."""
+        if root.is_file():
+            raise ValueError(f"prepare.default_data.source: {root} is a file, not an image folder")
         if not root.is_dir():
             raise FileNotFoundError(f"prepare.default_data.source: image folder not found: {root}")
         classes = {}

@@ -493,6 +493,7 @@ FOLDER_SIZES = dict(
     "folder, sizes, message",
     [
         (None, {}, "prepare.default_data.source: image folder not found: {root}"),
+        ("a file", {}, "prepare.default_data.source: {root} is a file, not an image folder"),
         (
             {"train/cat": 6},
             {},
@@ -538,6 +539,7 @@ FOLDER_SIZES = dict(
     ],
     ids=[
         "missing",
+        "a-file",
         "no-test-split",
         "no-class-folders",
         "classes-differ",
@@ -553,7 +555,9 @@ def test_a_bad_image_folder_is_a_one_line_error_before_any_output(
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "images"
     rng = np.random.default_rng(0)
-    for place, count in (folder or {}).items():
+    if folder == "a file":
+        root.write_bytes(b"")
+    for place, count in (folder if isinstance(folder, dict) else {}).items():
         write_crops(root / place, "astronaut", count, rng)
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"prepare": {"default_data": {"source": "images", **FOLDER_SIZES, **sizes}}})
