@@ -118,7 +118,7 @@ class DeploymentRuns:
         self.services = services
 
     def start(self, name: str, *parameters: str) -> subprocess.Popen:
-        command = [PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "400"]
+        command = [PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "540"]
         for parameter in parameters:
             command += ["-p", parameter]
         return subprocess.Popen(
@@ -129,7 +129,7 @@ class DeploymentRuns:
     @staticmethod
     def finish(process: subprocess.Popen) -> tuple[int, str, str]:
         """(exit code, flow-run id, output) of a started run."""
-        output, _ = process.communicate(timeout=450)
+        output, _ = process.communicate(timeout=560)
         found = re.search(r"UUID: ([0-9a-f-]{36})", output)
         assert found, output
         return process.returncode, found.group(1), output

@@ -21,7 +21,7 @@ TINY_RUN = json.dumps([
 ])  # fmt: skip
 
 
-def kill_engine_after_first_checkpoint(output: Path, killed: list[int], timeout: float = 400) -> None:
+def kill_engine_after_first_checkpoint(output: Path, killed: list[int], timeout: float = 540) -> None:
     """SIGKILL the `dinov2 pretrain` process writing ``output`` once its first checkpoint is complete,
     as a lost node or an out-of-memory kill would."""
     deadline = time.monotonic() + timeout
