@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Distil a frozen teacher (with its DINO/iBOT heads, fitted first if it has none) into smaller ViTs."""
         from dinov2.distill.config import DistillRecipe
+        from dinov2.train.collapse import CollapseError
         from dinov2.train.commands import _exit_cleanly, print_dry_run
         from dinov2.train.config import recipe_from_params
         from dinov2.train.train import NonFiniteLossError
@@ -61,6 +62,9 @@ def register(app: typer.Typer) -> None:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             _exit_cleanly(code=3)
+        except CollapseError as error:
+            print(f"error: {error}", file=sys.stderr)
+            _exit_cleanly(code=4)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
         _exit_cleanly()

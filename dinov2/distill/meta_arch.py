@@ -25,6 +25,7 @@ from torch import nn
 from dinov2.distill.config import DistillRecipe
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.train.collapse import target_statistics
 from dinov2.train.param_groups import param_groups
 from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, build_backbone
 
@@ -83,8 +84,11 @@ class DistillMetaArch(nn.Module):
         every patch token of both crops (2B * n_patches, K)."""
         output = self.teacher.backbone(global_crops, is_training=True)
         cls_a, cls_b = output["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
-        cls_logits = self.teacher.dino_head(torch.cat((cls_b, cls_a)))
-        patch_logits = self.teacher[self.ibot_head_name](output["x_norm_patchtokens"].flatten(0, 1))
+        cls_bottleneck = self.teacher.dino_head.bottleneck(torch.cat((cls_b, cls_a)))
+        cls_logits = self.teacher.dino_head.last_layer(cls_bottleneck)
+        ibot_head = self.teacher[self.ibot_head_name]
+        patch_bottleneck = ibot_head.bottleneck(output["x_norm_patchtokens"].flatten(0, 1))
+        patch_logits = ibot_head.last_layer(patch_bottleneck)
         if self.recipe.train.centering == "centering":
             cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
@@ -95,6 +99,10 @@ class DistillMetaArch(nn.Module):
             n_patches = torch.tensor([patch_logits.shape[0]], device=patch_logits.device)
             patch_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_patches)
         n_prototypes = patch_targets.shape[-1]
+        self.collapse_statistics = {
+            **target_statistics("dino", cls_bottleneck, cls_targets),
+            **target_statistics("ibot", patch_bottleneck, patch_targets.reshape(-1, n_prototypes)),
+        }
         return cls_targets.view(N_GLOBAL_CROPS, -1, cls_targets.shape[-1]), patch_targets.reshape(-1, n_prototypes)
 
     def forward(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -140,6 +148,7 @@ class DistillMetaArch(nn.Module):
                 )
                 parts[f"{name}/ibot_loss"] = ibot
                 total = total + recipe.ibot.loss_weight * ibot
+        parts.update({f"collapse/{key}": value for key, value in self.collapse_statistics.items()})
         return total, parts
 
     def optimizer_groups(self) -> list[dict]:

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
+        from dinov2.train.collapse import CollapseError
         from dinov2.train.config import Recipe, recipe_from_params
         from dinov2.train.train import NonFiniteLossError
         from dinov2.train.train import pretrain as run_pretrain
@@ -48,6 +49,9 @@ def register(app: typer.Typer) -> None:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             _exit_cleanly(code=3)
+        except CollapseError as error:
+            print(f"error: {error}", file=sys.stderr)
+            _exit_cleanly(code=4)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
         _exit_cleanly()

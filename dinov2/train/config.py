@@ -121,6 +121,17 @@ class EvaluationSection(Section):
     knn_max_test_images: int = Field(2000, gt=0)
 
 
+class MonitorSection(Section):
+    """The collapse monitor (dinov2/train/collapse.py): when the teacher's targets stay uniform or its
+    bottleneck outputs stay identical for ``window`` iterations, warn (and stop if ``stop``)."""
+
+    window: int = Field(50, ge=1, description="consecutive collapsed iterations before the warning")
+    grace_iterations: int = Field(50, ge=0, description="iterations not judged (initialisation looks collapsed)")
+    entropy_threshold: float = Field(0.98, gt=0, le=1, description="target entropy / ln K at or above: collapsed")
+    cosine_threshold: float = Field(0.99, gt=0, le=1, description="bottleneck mean cosine at or above: collapsed")
+    stop: bool = Field(False, description="stop the run (exit code 4) instead of warning")
+
+
 class Recipe(Section):
     name: str = "default"
     dino: DinoSection = Field(default_factory=DinoSection)
@@ -133,6 +144,7 @@ class Recipe(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    monitor: MonitorSection = Field(default_factory=MonitorSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

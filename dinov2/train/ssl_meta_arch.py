@@ -18,6 +18,7 @@ from torch import nn
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import DinoVisionTransformer, build_vit
+from dinov2.train.collapse import target_statistics
 from dinov2.train.config import Recipe, StudentSection
 from dinov2.train.param_groups import param_groups
 
@@ -157,11 +158,13 @@ class SSLMetaArch(nn.Module):
         for the masked patch tokens (n_masked, K)."""
         output = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
         cls_a, cls_b = output["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
-        cls_logits = self.teacher.dino_head(torch.cat((cls_b, cls_a)))
+        cls_bottleneck = self.teacher.dino_head.bottleneck(torch.cat((cls_b, cls_a)))
+        cls_logits = self.teacher.dino_head.last_layer(cls_bottleneck)
         patch_logits = None
         if self.do_ibot:
             patches = output["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-            patch_logits = self.teacher[self.ibot_head_name](patches)
+            patch_bottleneck = self.teacher[self.ibot_head_name].bottleneck(patches)
+            patch_logits = self.teacher[self.ibot_head_name].last_layer(patch_bottleneck)
         if self.recipe.train.centering == "centering":
             cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
@@ -176,6 +179,9 @@ class SSLMetaArch(nn.Module):
                 patch_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     patch_logits, teacher_temp, batch["n_masked_patches"]
                 )
+        self.collapse_statistics = target_statistics("dino", cls_bottleneck, cls_targets)
+        if patch_targets is not None and len(patch_logits):
+            self.collapse_statistics.update(target_statistics("ibot", patch_bottleneck, patch_targets))
         return cls_targets.view(N_GLOBAL_CROPS, -1, cls_targets.shape[-1]), patch_targets
 
     def forward(self, batch: dict[str, Any], teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -221,4 +227,5 @@ class SSLMetaArch(nn.Module):
             )
             parts["ibot_loss"] = ibot
             total = total + recipe.ibot.loss_weight * ibot
+        parts.update({f"collapse/{key}": value for key, value in self.collapse_statistics.items()})
         return total, parts

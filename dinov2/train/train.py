@@ -3,8 +3,8 @@ to many GPUs.
 
 One engine for every objective and launcher (none, torchrun, deepspeed): ``run_training(build, ...)``
 with an ``Objective`` (``SSLMetaArch`` for ``pretrain``, the distillation arch for ``distill``).
-Each iteration: schedules -> teacher targets -> student loss -> backward -> (per-module clip) ->
-step -> EMA updates. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints`` at the
+Each iteration: schedules -> teacher targets -> student loss -> backward -> per-module clip (every
+ZeRO stage) -> step -> EMA updates. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints`` at the
 data position it was saved at: crops and masks are functions of (seed, position), and the
 per-iteration RNG (drop path) is reseeded from (seed, iteration, rank), so a resumed run on the same
 world size is bitwise identical on CPU to an uninterrupted one.
@@ -33,8 +33,10 @@ from dinov2.data.samplers import ResumableInfiniteSampler
 from dinov2.hub.export import write_atomically
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import tracked_run
+from dinov2.train.clipping import clip_per_module
+from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.config import Recipe
-from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed
+from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed, launched_rank
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -84,9 +86,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         "train_batch_size": recipe.train.batch_size,
         "train_micro_batch_size_per_gpu": recipe.train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        # ZeRO-0 keeps full gradients on every rank, so the reference's per-module clipping is done by
-        # hand; ZeRO >= 1 partitions them and DeepSpeed clips the global norm instead.
-        "gradient_clipping": recipe.optim.clip_grad if zero_stage > 0 else 0.0,
+        # DeepSpeed would clip one global norm; the engine clips each module instead (clipping.py)
+        "gradient_clipping": 0.0,
         "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -119,9 +120,14 @@ def saved_world_size(checkpoint: Path) -> int | None:
     return len(partitions) or None
 
 
-def resume_source(checkpoints: Path, world_size: int, is_writer: bool) -> tuple[Path | None, str | None]:
+def resume_source(checkpoints: Path, world_size: int, rank: int) -> tuple[Path | None, str | None]:
     """Where to resume from: the newest checkpoint as saved, or, when it was partitioned over another
-    number of ranks, its DeepSpeed universal form (converted once, by rank 0, beside it)."""
+    number of ranks, its DeepSpeed universal form (converted once, by rank 0, beside it).
+
+    Called before the process group exists: converting a ViT-g checkpoint can take longer than a
+    collective's timeout, so the other ranks wait for the converted folder on the file system
+    rather than in a barrier (if rank 0 fails, the launcher ends them).
+    """
     tag = latest_complete_tag(checkpoints)
     if tag is None:
         return None, None
@@ -129,10 +135,15 @@ def resume_source(checkpoints: Path, world_size: int, is_writer: bool) -> tuple[
     if saved is None or saved == world_size:
         return checkpoints, tag
     universal = checkpoints / "universal"
-    if is_writer and not (universal / tag / "zero").is_dir():
+    if rank == 0 and latest_complete_tag(universal) != tag:
         convert_to_universal(checkpoints / tag, universal / tag)
-        (universal / "latest").write_text(tag)
-    barrier()
+        write_atomically(universal / "latest", lambda tmp: tmp.write_text(tag))
+    waited = time.monotonic()
+    while latest_complete_tag(universal) != tag:
+        if time.monotonic() - waited > 60:
+            logger.info("rank %d: waiting for rank 0 to convert %s to its universal form", rank, tag)
+            waited = time.monotonic()
+        time.sleep(1.0)
     logger.info("checkpoint %s was saved on %d ranks; resuming on %d from its universal form", tag, saved, world_size)
     return universal, tag
 
@@ -290,7 +301,7 @@ def run_training(
     import deepspeed
 
     output_dir = Path(output_dir)
-    rank, world_size, device = init_distributed()
+    rank, world_size = launched_rank()
     if recipe.train.batch_size % world_size:
         raise ValueError(f"train.batch_size {recipe.train.batch_size} is not divisible by the world size {world_size}")
     knn_source = knn_data or recipe.evaluation.knn_dataset
@@ -304,15 +315,18 @@ def run_training(
     )  # fmt: skip
     dataset = open_dataset(data, augmentation)
     collate = collate or make_collate(recipe)
+    # Work that may take minutes on one rank and not the others (a manifest's index, a universal
+    # checkpoint) is done before the process group exists, so no collective can time out waiting.
+    checkpoints = output_dir / "checkpoints"
+    load_dir, tag = resume_source(checkpoints, world_size, rank)
+    _, _, device = init_distributed()
 
     torch.manual_seed(recipe.train.seed)
     objective = build()
     groups = objective.optimizer_groups()
     optimizer = torch.optim.AdamW(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
     objective.to(device)
-    checkpoints = output_dir / "checkpoints"
     ds_config = deepspeed_config(recipe, world_size)
-    load_dir, tag = resume_source(checkpoints, world_size, is_writer=rank == 0)
     if load_dir is not None and load_dir != checkpoints:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
@@ -366,6 +380,10 @@ def run_training(
                     models, output_dir / "exports" / "iter_0000000" / folder, is_writer, {**metadata, "iteration": 0}
                 )
         history = MetricsHistory(output_dir / "plots" / "train.csv", start, enabled=is_writer)
+        watch = recipe.monitor
+        monitor = CollapseMonitor(
+            watch.window, watch.entropy_threshold, watch.cosine_threshold, watch.grace_iterations, watch.stop
+        )
         objective.train()
         progress = Progress(
             TextColumn(tracking.stage), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -398,9 +416,8 @@ def run_training(
                         f"last good checkpoint: {checkpoints / last if last else 'none'}"
                     )
                 engine.backward(loss)
-                if recipe.deepspeed.zero_stage == 0 and recipe.optim.clip_grad > 0:
-                    for module in clip_units:
-                        torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.optim.clip_grad)
+                if recipe.optim.clip_grad > 0:
+                    clip_per_module(clip_units, recipe.optim.clip_grad)
                 engine.step()
                 update_emas(ema_pairs, values["momentum"])
                 iteration += 1
@@ -419,6 +436,10 @@ def run_training(
                     "train/peak_memory_gib": peak_memory_gib(device), "train/skipped_images": skipped_images,
                 })  # fmt: skip
                 tracker.log_metrics(step_metrics, step=iteration)
+                for warning in monitor.update(
+                    iteration, {k.removeprefix("train/"): v for k, v in step_metrics.items()}
+                ):
+                    tracker.set_tags({"dinov2.collapse": warning[:5000]})
                 history.append(iteration, {k.removeprefix("train/"): v for k, v in step_metrics.items()})
                 progress.update(task, completed=iteration, status=f"loss {step_metrics['train/total_loss']:.3f}")
                 if is_writer and (iteration % LOG_EVERY == 0 or iteration == stop):
@@ -445,6 +466,7 @@ def run_training(
                                       {**metadata, "iteration": iteration})  # fmt: skip
         history.close()
         metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()})
+        metrics.update(monitor.summary())
         if iteration == total:
             finals = [
                 export_models(models, output_dir / folder, is_writer, {**metadata, "iteration": iteration})
