@@ -171,6 +171,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         root = provide_fashion_mnist()
-    except (FileNotFoundError, OSError, RuntimeError) as error:
+    except (OSError, RuntimeError) as error:  # a missing file, a failed command, a failed download
         sys.exit(f"error: could not provide Fashion-MNIST: {error}")
     print(f"Fashion-MNIST ready in {_raw_folder(root)}")
