@@ -13,13 +13,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Without a launcher, a group of one on 127.0.0.1; NCCL on CUDA, gloo on CPU."""
+def launched_rank() -> tuple[int, int]:
+    """(rank, world_size) as the launcher set them, before any process group exists; without a
+    launcher, rank 0 of 1 with a free port on 127.0.0.1."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Without a launcher, a group of one on 127.0.0.1; NCCL on CUDA, gloo on CPU."""
+    rank, world_size = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
