@@ -6,7 +6,10 @@ Bitwise-reproducible resume needs randomness that does not depend on history. He
   workers or the world size;
 - the masks of a rank's batch come from a generator seeded from (seed, step, rank). Masks are
   drawn per rank batch (ratios are stratified over it, as in the reference), so they do depend on
-  the world size, but not on history.
+  the world size, but not on history;
+- an unreadable image is replaced by another image of the dataset, drawn from (seed, its position,
+  attempt), with the crops of its position. Every rank's batch is full, as the centering and
+  Sinkhorn-Knopp statistics (batch x world size) assume, and the replacement is the same on resume.
 Each DataLoader item is a whole step's batch built by one worker; the DataLoader hands them out in
 step order, and the sampler's `step` advances as batches reach the training loop.
 """
@@ -24,6 +27,9 @@ from dinov2.data.samplers import ResumableInfiniteSampler
 
 _SAMPLE_STREAM = 0
 _BATCH_STREAM = 1
+_REPLACEMENT_STREAM = 3  # 2 is the training loop's per-iteration stream
+# Draws allowed to replace one unreadable image: at 40% unreadable files all 64 fail once in 10^25.
+MAX_REPLACEMENTS = 64
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -70,9 +76,25 @@ class _StepBatches(torch.utils.data.Dataset):
             torch.manual_seed(derived_seed(self.seed, _SAMPLE_STREAM, position))
             return self.dataset[index]
 
+    def _readable_sample(self, index: int, position: int) -> tuple[Any, int]:
+        """The sample at `position` and how many unreadable images were met on the way to it."""
+        sample = self._sample(index, position)
+        attempt = 0
+        while sample is None:
+            if attempt == MAX_REPLACEMENTS:
+                raise ValueError(
+                    f"image {index} and the {MAX_REPLACEMENTS} images drawn to replace it (stream position "
+                    f"{position}) are all unreadable: check the dataset's files"
+                )
+            index = derived_seed(self.seed, _REPLACEMENT_STREAM, position, attempt) % len(self.dataset)
+            sample = self._sample(index, position)
+            attempt += 1
+        return sample, attempt
+
     def __getitem__(self, step: int) -> dict[str, Any]:
         positions = self.sampler.positions_at(step)
-        samples = [self._sample(i, p) for i, p in zip(self.sampler.indices_at(step), positions, strict=True)]
+        drawn = [self._readable_sample(i, p) for i, p in zip(self.sampler.indices_at(step), positions, strict=True)]
+        samples = [sample for sample, _ in drawn]
         generator = batch_generator(self.seed, step, self.sampler.rank)
         if self.collate_takes_generator:
             batch = self.collate_fn(samples, generator=generator)
@@ -81,6 +103,7 @@ class _StepBatches(torch.utils.data.Dataset):
                 torch.manual_seed(generator.initial_seed())
                 batch = self.collate_fn(samples)
         batch["step"] = step
+        batch["n_skipped"] = sum(unreadable for _, unreadable in drawn)
         return batch
 
 
@@ -133,8 +156,8 @@ def make_pretraining_loader(
     its transform draws from the per-sample generator; `collate_fn` should accept `generator=`
     (e.g. `functools.partial(collate_data_and_cast, ...)`). Others are still reproducible: they
     run with torch's global RNG seeded the same way and restored afterwards. The sampler is
-    infinite, so every batch is full (drop_last has nothing to drop); unreadable images make a
-    batch smaller and are counted in its "n_skipped".
+    infinite and unreadable images are replaced, so every batch is full; its "n_skipped" counts the
+    unreadable images met while building it.
     """
     if per_rank_batch_size != sampler.per_rank_batch_size:
         raise ValueError(

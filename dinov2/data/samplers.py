@@ -1,23 +1,68 @@
 """Which images each rank trains on at each step, independent of the world size and resumable exactly.
 
-The global stream of dataset indices is the concatenation of one permutation per epoch,
-`torch.randperm(dataset_size, generator seeded with seed + epoch)`. Global step `s` trains on
-`stream[s * B : (s + 1) * B]` (B = global batch size) and rank `r` of `W` takes the contiguous slice
-`[r * B / W, (r + 1) * B / W)` of it. The global batches therefore do not depend on the world size,
-and a run resumed at step `s` on any number of ranks sees exactly what an uninterrupted run would
-have seen. (The reference's infinite sampler shards the stream by world size and does not restore
-its position on resume.)
+The global stream of dataset indices is the concatenation of one pseudo-random permutation of
+[0, N) per epoch: stream position `p` is offset `p % N` of epoch `p // N` and holds the image
+`EpochPermutation(N, seed, epoch)(p % N)`. Global step `s` trains on `stream[s * B : (s + 1) * B]`
+(B = global batch size) and rank `r` of `W` takes the contiguous slice `[r * B / W, (r + 1) * B / W)`
+of it. The global batches therefore do not depend on the world size, and a run resumed at step `s` on
+any number of ranks sees exactly what an uninterrupted run would have seen. (The reference's infinite
+sampler shards the stream by world size and does not restore its position on resume.)
+
+The permutation is computed, not stored: a step's indices cost O(batch) time and memory whatever N
+is. An epoch held as `randperm(N)` is 1.1 GB at 142M images, in every DataLoader worker of every rank.
 """
 
 from collections.abc import Iterator
 from itertools import count
 from typing import Any
 
-import torch
+import numpy as np
+
+# The data order a sampler state was saved with: resuming with another would change the stream.
+ORDER = "feistel-6"
+_ROUNDS = 6
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every output bit depends on every input bit (uint64, wrapping)."""
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+class EpochPermutation:
+    """A seeded bijection of [0, size): a balanced Feistel network over 2 * half_bits bits (the
+    smallest such domain holding `size`, so at most 4 * size), applied again to any value that lands
+    at or beyond `size` ("cycle walking", which keeps it a bijection of [0, size)). Each of the 6
+    rounds mixes one half with a 64-bit key drawn from (seed, epoch)."""
+
+    def __init__(self, size: int, seed: int, epoch: int) -> None:
+        if size <= 0:
+            raise ValueError(f"a permutation needs a positive size, got {size}")
+        self.size = size
+        self.half_bits = max(1, ((size - 1).bit_length() + 1) // 2)
+        self.keys = np.random.SeedSequence([seed, epoch]).generate_state(_ROUNDS, dtype=np.uint64)
+
+    def _rounds(self, values: np.ndarray) -> np.ndarray:
+        shift, mask = np.uint64(self.half_bits), np.uint64((1 << self.half_bits) - 1)
+        left, right = values >> shift, values & mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    def __call__(self, offsets: np.ndarray) -> np.ndarray:
+        """Images at these offsets of the epoch (int64 in, int64 out)."""
+        with np.errstate(over="ignore"):
+            values = self._rounds(np.asarray(offsets, dtype=np.uint64))
+            outside = values >= self.size
+            while outside.any():
+                values[outside] = self._rounds(values[outside])
+                outside = values >= self.size
+        return values.astype(np.int64)
 
 
 class ResumableInfiniteSampler:
-    """Dataset indices for one rank, step after step, forever; O(batch) work per step.
+    """Dataset indices for one rank, step after step, forever; O(batch) work and memory per step.
 
     `step` is the next global step to hand out. The pretraining loader advances it as it delivers
     batches to the training loop (not as it prefetches), so `state_dict()` taken after training on
@@ -46,16 +91,14 @@ class ResumableInfiniteSampler:
             )
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.dataset_size = dataset_size
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.step = start_step
-        # One epoch's permutation is kept: consecutive steps read the same epoch, so the O(N)
-        # randperm is paid once per epoch, not per step.
-        self._cached_epoch = -1
-        self._cached_permutation = torch.empty(0, dtype=torch.long)
 
     @property
     def per_rank_batch_size(self) -> int:
@@ -66,24 +109,15 @@ class ResumableInfiniteSampler:
         start = step * self.global_batch_size + self.rank * self.per_rank_batch_size
         return range(start, start + self.per_rank_batch_size)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._cached_epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._cached_permutation = torch.randperm(self.dataset_size, generator=generator)
-            self._cached_epoch = epoch
-        return self._cached_permutation
-
     def indices_at(self, step: int) -> list[int]:
         """Dataset indices this rank trains on at `step`, in stream order."""
         positions = self.positions_at(step)
-        indices: list[int] = []
-        position = positions.start
-        while position < positions.stop:
-            epoch, offset = divmod(position, self.dataset_size)
-            take = min(positions.stop - position, self.dataset_size - offset)
-            indices.extend(self._permutation(epoch)[offset : offset + take].tolist())
-            position += take
-        return indices
+        epochs, offsets = np.divmod(np.arange(positions.start, positions.stop, dtype=np.int64), self.dataset_size)
+        indices = np.empty_like(offsets)
+        for epoch in np.unique(epochs).tolist():  # one, or a few when the batch straddles epochs
+            in_epoch = epochs == epoch
+            indices[in_epoch] = EpochPermutation(self.dataset_size, self.seed, epoch)(offsets[in_epoch])
+        return indices.tolist()
 
     def __iter__(self) -> Iterator[int]:
         for step in count(self.step):
@@ -95,6 +129,7 @@ class ResumableInfiniteSampler:
             "seed": self.seed,
             "dataset_size": self.dataset_size,
             "global_batch_size": self.global_batch_size,
+            "order": ORDER,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,6 +140,13 @@ class ResumableInfiniteSampler:
                     f"sampler state was saved with {key}={state[key]} but this sampler has "
                     f"{key}={getattr(self, key)}: resuming would train on a different data stream"
                 )
+        # states saved before the order was recorded come from one torch.randperm per epoch
+        saved_order = state.get("order", "randperm")
+        if saved_order != ORDER:
+            raise ValueError(
+                f"sampler state was saved with the data order {saved_order!r} but this sampler draws {ORDER!r}: "
+                "resuming would train on a different data stream"
+            )
         if "step" not in state or state["step"] < 0:
             raise ValueError(f"sampler state has no valid 'step': {state}")
         self.step = int(state["step"])

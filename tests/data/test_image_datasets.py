@@ -88,8 +88,11 @@ def test_manifest_with_relative_absolute_and_missing_paths(tmp_path, folder_with
         ],
         label=[3, None, 1, 2],
     )
-    dataset = ManifestDataset(manifest)
-    assert len(dataset) == 4 and dataset.ids == ["a", "b", "c", "d"]
+    dataset = ManifestDataset(manifest, index_dir=tmp_path / "index")
+    assert len(dataset) == 4
+    assert dataset.path_at(0) == tmp_path / "images/cats/astronaut.jpg"
+    assert dataset.path_at(1) == folder_with_bad_files / "dogs" / "chelsea.jpg"
+    assert [dataset.label_at(i) for i in range(4)] == [3, -1, 1, 2]
     image, label = dataset[0]
     assert image.size == (64, 48) and label == 3
     assert dataset[1][1] == -1
@@ -101,32 +104,58 @@ def test_manifest_root_and_string_labels(tmp_path, folder_with_bad_files):
     manifest.parent.mkdir()
     write_manifest(manifest, id=[1, 2, 3], path=["cats/coffee.png", "dogs/chelsea.jpg", "cats/astronaut.jpg"],
                    label=["cat", "dog", "cat"])  # fmt: skip
-    dataset = ManifestDataset(manifest, root=folder_with_bad_files)
-    assert dataset.classes == ["cat", "dog"] and dataset.labels == [0, 1, 0]
+    dataset = ManifestDataset(manifest, root=folder_with_bad_files, index_dir=tmp_path / "index")
+    assert dataset.classes == ["cat", "dog"] and [dataset.label_at(i) for i in range(3)] == [0, 1, 0]
     assert isinstance(dataset[1][0], Image.Image)
 
 
 def test_manifest_without_labels_is_unlabelled(tmp_path, folder_with_bad_files):
     manifest = tmp_path / "m.parquet"
     write_manifest(manifest, id=[0], path=[str(folder_with_bad_files / "cats" / "coffee.png")], split=["train"])
-    assert ManifestDataset(manifest).labels == [-1]
+    assert ManifestDataset(manifest, index_dir=tmp_path / "index").label_at(0) == -1
+
+
+def test_a_manifest_is_indexed_once_and_reindexed_when_it_changes(tmp_path, folder_with_bad_files):
+    import pickle
+
+    manifest, index_dir = tmp_path / "m.parquet", tmp_path / "index"
+    write_manifest(manifest, id=[0, 1], path=["cats/coffee.png", "dogs/chelsea.jpg"])
+    first = ManifestDataset(manifest, root=folder_with_bad_files, index_dir=index_dir)
+    written = first.index_path.stat().st_mtime_ns
+    again = ManifestDataset(manifest, root=folder_with_bad_files, index_dir=index_dir)
+    assert again.index_path == first.index_path and again.index_path.stat().st_mtime_ns == written
+    # what a DataLoader worker started by spawn receives: the index's path, mapped again there
+    assert b"chelsea" not in pickle.dumps(first)
+    copy = pickle.loads(pickle.dumps(first))
+    assert copy.path_at(1) == folder_with_bad_files / "dogs" / "chelsea.jpg" and len(copy) == 2
+
+    write_manifest(manifest, id=[0, 1, 2], path=["cats/coffee.png", "dogs/chelsea.jpg", "cats/astronaut.jpg"])
+    changed = ManifestDataset(manifest, root=folder_with_bad_files, index_dir=index_dir)
+    assert changed.index_path != first.index_path and len(changed) == 3
+    assert sorted(p.suffix for p in index_dir.iterdir()) == [".arrow", ".arrow", ".lock", ".lock"]
 
 
 def test_manifest_errors_name_the_problem(tmp_path):
+    index_dir = tmp_path / "index"
     with pytest.raises(FileNotFoundError, match="manifest not found: .*nope.parquet"):
-        ManifestDataset(tmp_path / "nope.parquet")
+        ManifestDataset(tmp_path / "nope.parquet", index_dir=index_dir)
     no_path = tmp_path / "no_path.parquet"
     write_manifest(no_path, id=[1], file=["x.jpg"])
     with pytest.raises(ValueError, match="lacks column\\(s\\) path \\(it has: id, file\\)"):
-        ManifestDataset(no_path)
+        ManifestDataset(no_path, index_dir=index_dir)
     empty = tmp_path / "empty.parquet"
     write_manifest(empty, id=pa.array([], pa.int64()), path=pa.array([], pa.string()))
     with pytest.raises(ValueError, match="lists no images"):
-        ManifestDataset(empty)
+        ManifestDataset(empty, index_dir=index_dir)
     null_path = tmp_path / "null_path.parquet"
     write_manifest(null_path, id=[1, 2], path=["a.jpg", None])
     with pytest.raises(ValueError, match="empty values in column 'path'"):
-        ManifestDataset(null_path)
+        ManifestDataset(null_path, index_dir=index_dir)
+    empty_path = tmp_path / "empty_path.parquet"
+    write_manifest(empty_path, id=[1, 2], path=["a.jpg", ""])
+    with pytest.raises(ValueError, match="empty values in column 'path'"):
+        ManifestDataset(empty_path, index_dir=index_dir)
+    assert not list(index_dir.glob("*.arrow")) and not list(index_dir.glob(".*"))  # no index left half-written
 
 
 def test_class_is_the_first_level_folder_at_any_depth(tmp_path, photos):

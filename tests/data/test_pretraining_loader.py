@@ -7,11 +7,12 @@ import torch
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.datasets import ImageFolderDataset
-from dinov2.data.loaders import make_pretraining_loader
+from dinov2.data.loaders import make_pretraining_loader, sample_generator
 from dinov2.data.masking import MaskingGenerator
-from dinov2.data.samplers import ResumableInfiniteSampler
+from dinov2.data.samplers import ORDER, ResumableInfiniteSampler
 
 SEED = 17
+ORDER_STATE = {"seed": SEED, "order": ORDER}
 TENSOR_KEYS = ("collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight",
                "n_masked_patches")  # fmt: skip
 
@@ -67,14 +68,38 @@ def test_crops_do_not_depend_on_the_world_size(image_folder):
         assert torch.equal(part["collated_local_crops"], whole["collated_local_crops"][rows])
 
 
-def test_unreadable_images_are_counted_per_batch_and_iteration_goes_on(folder_with_bad_files):
+def test_unreadable_images_are_replaced_so_every_batch_is_full(folder_with_bad_files):
     augmentation = DataAugmentationDINO(local_crops_number=1, global_crops_size=32, local_crops_size=16)
     dataset = ImageFolderDataset(folder_with_bad_files, transform=augmentation)
-    # 5 files, 2 unreadable, global batch 5: every step is one whole epoch.
-    batches = list(islice(loader(dataset, 5), 4))
-    assert [b["n_skipped"] for b in batches] == [2, 2, 2, 2]
-    assert all(b["collated_global_crops"].shape == (6, 3, 32, 32) for b in batches)
-    assert [b["step"] for b in batches] == [0, 1, 2, 3]
+    readable = [0, 1, 2]  # astronaut, coffee, chelsea; 3 and 4 are unreadable
+    # 5 files, global batch 5 over 2 ranks would not divide: 4 over 2 ranks, 3 steps (12 positions)
+    for rank in (0, 1):
+        sampler = ResumableInfiniteSampler(len(dataset), 4, seed=SEED, rank=rank, world_size=2)
+        batches = list(islice(loader(dataset, 4, rank=rank, world_size=2), 3))
+        for batch in batches:
+            assert batch["collated_global_crops"].shape == (4, 3, 32, 32)  # 2 images x 2 global crops
+            indices = sampler.indices_at(batch["step"])
+            # at least one unreadable image per unreadable index, more when a replacement was unreadable too
+            assert batch["n_skipped"] >= sum(index not in readable for index in indices)
+            for row, (index, position) in enumerate(zip(indices, sampler.positions_at(batch["step"]), strict=True)):
+                # the crops of its position, of the image itself when it is readable, else of a readable one
+                candidates = [index] if index in readable else readable
+                crops = [dataset.load(i, generator=sample_generator(SEED, position))[0] for i in candidates]
+                assert any(torch.equal(batch["collated_global_crops"][row], c["global_crops"][0]) for c in crops)
+        # a resumed loader draws the same replacements
+        resumed = list(islice(loader(dataset, 4, rank=rank, world_size=2, state={"step": 1, **ORDER_STATE}), 2))
+        assert_same_batches(batches[1:], resumed)
+    # rank 1 trains on images [1, 2], [4, 3], [0, 2]: both unreadable ones at step 1, where one of the
+    # images drawn to replace them was unreadable too (pinned)
+    assert [b["n_skipped"] for b in batches] == [0, 3, 0]
+
+
+def test_a_dataset_with_nothing_readable_is_an_error_naming_the_problem(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path, transform=DataAugmentationDINO(global_crops_size=32, local_crops_size=16))
+    with pytest.raises(ValueError, match="the 64 images drawn to replace it .* are all unreadable"):
+        next(iter(loader(dataset, 1)))
 
 
 class GlobalRngDataset(torch.utils.data.Dataset):
