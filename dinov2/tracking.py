@@ -197,7 +197,10 @@ def register_backbone(
     from dinov2.hub import load_backbone
 
     model = load_backbone(backbone_path).eval()
-    info = mlflow.pytorch.log_model(model, name="backbone", pip_requirements=[f"torch=={torch.__version__}"])
+    # pickled: loading it needs this package installed (mlflow.pytorch.load_model("models:/NAME@champion"))
+    info = mlflow.pytorch.log_model(
+        model, name="backbone", serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__}"]
+    )
     version = mlflow.register_model(info.model_uri, name, tags={metric: str(value), "run_id": tracker.run_id})
     client = MlflowClient()
     client.set_registered_model_alias(name, "candidate", version.version)
