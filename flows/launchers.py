@@ -157,7 +157,7 @@ def _capture(command: list[str]) -> str:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise StageFailed("pretrain", command, 2, [f"error: {command[0]} is not on PATH of this worker"]) from None
+        raise StageFailed("pretrain", command, 127, [f"error: {command[0]} is not on PATH of this worker"]) from None
     if result.returncode != 0:
         raise StageFailed("pretrain", command, result.returncode, (result.stdout + result.stderr).splitlines()[-20:])
     return result.stdout.strip()

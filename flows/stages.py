@@ -5,9 +5,10 @@ repro``) as a subprocess, the same command a person types. Its output goes into 
 line; the flow-run id and the MLflow tracking URI go into its environment, so the stage's MLflow run
 carries the ``prefect.flow_run_id`` tag and the artifact can link to it.
 
-Failures: exit code 2 is bad input and 3 a non-finite loss (the ``dinov2`` command's codes): retrying
-cannot help, so the task fails at once. Anything else (a crash, a kill, a lost node) is retried; a
-pretraining run then resumes from its newest checkpoint, because the engine does that by itself.
+Failures: exit code 2 is bad input and 3 a non-finite loss (the ``dinov2`` command's codes), 127 a
+command that is not there: retrying cannot help, so the task fails at once. Anything else (a crash, a
+kill, a lost node) is retried; a pretraining run then resumes from its newest checkpoint, because the
+engine does that by itself.
 """
 
 import json
@@ -31,7 +32,7 @@ from dinov2.tracking import tracking_uri
 # The commands as this interpreter runs them: a worker's PATH need not include the virtual environment.
 DINOV2 = [sys.executable, "-m", "dinov2"]
 DVC = [sys.executable, "-m", "dvc"]
-NON_TRANSIENT_EXIT_CODES = {2: "bad input", 3: "non-finite loss"}
+NON_TRANSIENT_EXIT_CODES = {2: "bad input", 3: "non-finite loss", 127: "command not found"}
 OUTPUT_TAIL_LINES = 20
 
 
@@ -76,14 +77,12 @@ def stage_environment() -> dict[str, str]:
     return environment
 
 
-def run_command(
-    stage: str, command: list[str], cwd: str | Path | None = None, keep_lines: int | None = OUTPUT_TAIL_LINES
-) -> list[str]:
-    """Run ``command``, logging each output line (stdout and stderr) as it comes; returns the last
-    ``keep_lines`` lines (all with None); raises StageFailed when it fails."""
+def run_command(stage: str, command: list[str], cwd: str | Path | None = None) -> list[str]:
+    """Run ``command``, logging each output line (stdout and stderr) as it comes; returns the last lines;
+    raises StageFailed when it fails."""
     logger = get_run_logger()
     logger.info("$ %s", shlex.join(command))
-    tail: deque[str] = deque(maxlen=keep_lines)
+    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     try:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -106,7 +105,7 @@ def run_command(
             except subprocess.TimeoutExpired:
                 process.kill()
     if returncode != 0:
-        raise StageFailed(stage, command, returncode, list(tail)[-OUTPUT_TAIL_LINES:])
+        raise StageFailed(stage, command, returncode, list(tail))
     return list(tail)
 
 
