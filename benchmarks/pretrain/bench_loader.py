@@ -6,8 +6,11 @@ memory-mapped), builds the resumable sampler and the pretraining loader with W w
 takes a few steps. Each sample is the manifest row of its image (path and label, looked up per index
 in the worker) instead of the decoded image: the files do not exist, and decoding costs the same
 whatever N is. Prints one JSON line per N: index build time, open time once the index exists, time
-to the first batch, and resident memory of the main process and of each worker (RSS counts the pages
-a forked worker shares with its parent; ``private`` is what the worker alone holds).
+to the first batch, and memory (MiB) of the main process and of each worker. RSS overstates it: it
+counts the pages a forked worker shares with its parent and every page of the memory-mapped index
+the kernel maps around a lookup (page cache, shared by all processes, reclaimable). What a process
+holds on its own is its anonymous memory: ``anonymous`` growth for the main process, ``own`` (private
+anonymous pages) for a worker.
 
     python benchmarks/pretrain/bench_loader.py --rows 1000000 --rows 100000000 --workers 2
 """
@@ -46,12 +49,22 @@ def write_synthetic_manifest(path: Path, rows: int) -> None:
 
 
 def memory_mib() -> dict[str, float]:
-    """This process's resident memory (Linux ``smaps_rollup``), MiB."""
-    fields = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":")
-        fields[name] = int(value.split()[0]) / 1024
-    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+    """This process's resident memory (Linux ``/proc/self/smaps``), MiB. ``own`` sums the private
+    dirty pages of anonymous mappings only: pages of a freshly written file are dirty too, but they
+    are page cache."""
+    totals = {"rss": 0.0, "anonymous": 0.0, "own": 0.0}
+    anonymous_mapping = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        words = line.split(maxsplit=5)
+        if not words[0].endswith(":"):  # a mapping's header (address range ... path), then its "Name: value" lines
+            anonymous_mapping = len(words) < 6 or words[5].startswith("[")
+            continue
+        name, value = words[0].removesuffix(":"), words[1] if len(words) > 1 else "0"
+        if name in ("Rss", "Anonymous"):
+            totals[name.lower()] += int(value) / 1024
+        elif name == "Private_Dirty" and anonymous_mapping:
+            totals["own"] += int(value) / 1024
+    return totals
 
 
 class ManifestRows(ManifestDataset):
@@ -99,10 +112,11 @@ def measure(manifest: Path, index_dir: Path, workers: int, batch_size: int, step
         "first_batch_seconds": round(first_batch_seconds, 2),
         "steps_per_second": round(steps_per_second, 1),
         "images": first["images"],
-        "index_build_rss_growth_mib": round(before["rss"] - before_index["rss"], 1),
+        "index_build_anonymous_growth_mib": round(before["anonymous"] - before_index["anonymous"], 1),
+        "main_anonymous_growth_mib": round(after["anonymous"] - before["anonymous"], 1),
         "main_rss_growth_mib": round(after["rss"] - before["rss"], 1),
+        "worker_own_mib": [round(m["own"], 1) for m in worker_memory],
         "worker_rss_mib": [round(m["rss"], 1) for m in worker_memory],
-        "worker_private_mib": [round(m["private"], 1) for m in worker_memory],
     }
 
 

@@ -196,6 +196,8 @@ def manifest_index(parquet_path: Path, index_dir: Path) -> Path:
                 partial.rename(index)
             finally:
                 partial.unlink(missing_ok=True)
+                # Arrow's allocator keeps what the conversion freed; DataLoader workers forked later would map it
+                pa.default_memory_pool().release_unused()
     return index
 
 
