@@ -10,7 +10,6 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -77,25 +76,6 @@ def image_folder(tmp_path_factory):
         return made[(train_per_class, test_per_class)]
 
     return build
-
-
-SHARED_DATASETS = Path(
-    os.environ.get("DINOV2_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
-)
-
-
-@pytest.fixture(scope="session")
-def cifar10_root(tmp_path_factory) -> Path:
-    """The CIFAR-10 JPEG copy (ImageFolder layout: <root>/{train,test}/<class>/*.jpg), extracted once."""
-    archive = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
-    if not archive.is_file():
-        raise FileNotFoundError(
-            f"{archive} is missing: the tests need the shared CIFAR-10 copy (set DINOV2_SHARED_DATASETS)"
-        )
-    target = tmp_path_factory.mktemp("cifar10")
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
-    return target / "cifar10"
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """Real pretraining runs on real images: 1 and 2 processes, every ZeRO stage, kill and resume.
 
 Every run is the `dinov2 pretrain` command as a user launches it (alone, under torchrun, under the
-deepspeed launcher) on a CPU-sized recipe over a slice of the CIFAR-10 copy.
+deepspeed launcher) on a CPU-sized recipe over a slice of Fashion-MNIST.
 """
 
 import json
@@ -30,16 +30,9 @@ FOLLOWING_TEACHER = ["--set", "teacher.momentum_teacher=0.5", "--set", "optim.ba
 
 
 @pytest.fixture(scope="module")
-def cifar_slice(cifar10_root, tmp_path_factory) -> Path:
-    """20 training and 10 test images per class of the CIFAR-10 copy, as an ImageFolder tree."""
-    root = tmp_path_factory.mktemp("cifar_slice")
-    for split, per_class in (("train", 20), ("test", 10)):
-        for class_dir in sorted((cifar10_root / split).iterdir()):
-            target = root / split / class_dir.name
-            target.mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:per_class]:
-                os.symlink(image, target / image.name)
-    return root
+def image_slice(image_folder) -> Path:
+    """20 training and 10 test images per class of Fashion-MNIST, as an ImageFolder tree."""
+    return image_folder(20, 10)
 
 
 @pytest.fixture
@@ -106,9 +99,9 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
-def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(cifar_slice, run_env, tmp_path):
+def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(image_slice, run_env, tmp_path):
     # no clipping: ZeRO >= 1 clips the global norm where ZeRO-0 clips per module
-    common = [*SHORT_RUN, "--data", str(cifar_slice / "train"), "--set", "optim.clip_grad=0"]
+    common = [*SHORT_RUN, "--data", str(image_slice / "train"), "--set", "optim.clip_grad=0"]
     common += FOLLOWING_TEACHER
     teachers = {}
     for stage, launcher in ((0, "torchrun"), (2, "torchrun"), (3, "deepspeed")):
@@ -132,8 +125,8 @@ def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(cifar_slice, 
     assert l2_distance(teachers[0], teachers[3]) < 0.05 * moved
 
 
-def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(cifar_slice, run_env, tmp_path):
-    arguments = [*SHORT_RUN, "--set", "optim.epochs=4", "--data", str(cifar_slice / "train")]  # 12 iterations
+def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(image_slice, run_env, tmp_path):
+    arguments = [*SHORT_RUN, "--set", "optim.epochs=4", "--data", str(image_slice / "train")]  # 12 iterations
     run(pretrain_command("python", *arguments, "--output", str(tmp_path / "straight")), run_env)
 
     killed = tmp_path / "killed"
@@ -157,8 +150,8 @@ def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(cifar_slice, r
     assert max_difference(straight, again) == 0.0
 
 
-def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(cifar_slice, run_env, tmp_path):
-    arguments = [*SHORT_RUN, *FOLLOWING_TEACHER, "--data", str(cifar_slice / "train")]
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(image_slice, run_env, tmp_path):
+    arguments = [*SHORT_RUN, *FOLLOWING_TEACHER, "--data", str(image_slice / "train")]
     # Off: the parts that depend on how the batch is split over ranks (KoLeo's neighbours are looked
     # for within a rank, masks are drawn per rank batch, drop path per rank). The rest of the step is
     # the same computation on 1 or 2 ranks, so the resumed run must track the uninterrupted one.
@@ -184,9 +177,9 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(cifar_slice, run_env, t
     assert drift < 1e-4 * l2_distance(straight, at_4)
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar_slice, run_env, tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_slice, run_env, tmp_path):
     output = tmp_path / "diverged"
-    arguments = [*SHORT_RUN, "--data", str(cifar_slice / "train"), "--output", str(output)]
+    arguments = [*SHORT_RUN, "--data", str(image_slice / "train"), "--output", str(output)]
     run(pretrain_command("python", *arguments, "--max-iterations", "2"), run_env)
     result = subprocess.run(
         pretrain_command("python", *arguments, "--set", "optim.base_lr=1e30", "--set", "optim.clip_grad=0"),
@@ -198,14 +191,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifa
     assert not (output / "teacher").exists()
 
 
-def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher_knn(cifar10_root, run_env, tmp_path):
+def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher_knn(image_folder, run_env, tmp_path):
     # 100 training and 30 test images per class; the cpu_tiny recipe as shipped (300 iterations)
-    root = tmp_path / "cifar"
-    for split, per_class in (("train", 100), ("test", 30)):
-        for class_dir in sorted((cifar10_root / split).iterdir()):
-            (root / split / class_dir.name).mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:per_class]:
-                os.symlink(image, root / split / class_dir.name / image.name)
+    root = image_folder(100, 30)
     output = tmp_path / "run"
     arguments = [
         "--recipe",
