@@ -99,30 +99,32 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
-def test_zero_stages_0_2_3_on_two_processes_train_the_same_teacher(image_slice, run_env, tmp_path):
-    # no clipping: ZeRO >= 1 clips the global norm where ZeRO-0 clips per module
-    common = [*SHORT_RUN, "--data", str(image_slice / "train"), "--set", "optim.clip_grad=0"]
-    common += FOLLOWING_TEACHER
+def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, run_env, tmp_path):
+    # The recipe's clip of 3.0 is active at every step here (measured norms: backbone 2185 -> 8,
+    # heads 112 -> 3.2 over the 6 steps). ZeRO-0 clips whole gradients; ZeRO-2 and ZeRO-3 clip the
+    # partitions each rank holds with the per-module norms summed over ranks.
+    common = [*SHORT_RUN, *FOLLOWING_TEACHER, "--data", str(image_slice / "train")]
+    runs = {"zero0": (0, "torchrun", 3.0), "zero2": (2, "torchrun", 3.0), "zero3": (3, "deepspeed", 3.0),
+            "zero2_unclipped": (2, "torchrun", 0.0)}  # fmt: skip
     teachers = {}
-    for stage, launcher in ((0, "torchrun"), (2, "torchrun"), (3, "deepspeed")):
-        output = tmp_path / f"zero{stage}"
-        run(
-            pretrain_command(launcher, *common, "--output", str(output), "--set", f"deepspeed.zero_stage={stage}"),
-            run_env,
-        )
-        teachers[stage] = teacher_weights(output / "teacher")
-        metrics = json.loads((output / "metrics.json").read_text())
-        assert metrics["iteration"] == 6
+    for name, (stage, launcher, clip) in runs.items():
+        output = tmp_path / name
+        settings = ["--set", f"deepspeed.zero_stage={stage}", "--set", f"optim.clip_grad={clip}"]
+        run(pretrain_command(launcher, *common, *settings, "--output", str(output)), run_env)
+        teachers[name] = teacher_weights(output / "teacher")
+        assert json.loads((output / "metrics.json").read_text())["iteration"] == 6
         if stage:
             partitions = list((output / "checkpoints" / "iter_0000006").glob("zero_pp_rank_*_optim_states.pt"))
             assert len(partitions) == 2
-    assert max_difference(teachers[0], teachers[2]) == 0.0
     at_2 = teacher_weights(tmp_path / "zero0" / "exports" / "iter_0000002" / "teacher")
-    moved = l2_distance(teachers[0], at_2)
-    # ZeRO-3 reduce-scatters gradients in another order: fp32 rounding that Adam's normalisation lifts
-    # on parameters whose gradients are near zero. Measured: 2% of what the 4 iterations moved.
+    moved = l2_distance(teachers["zero0"], at_2)
+    distances = {name: l2_distance(teachers["zero0"], teachers[name]) for name in runs if name != "zero0"}
+    print(f"iterations 3-6 moved the ZeRO-0 teacher {moved:.3e}; distances to it: {distances}")
+    # measured: moved 1.9-2.0; ZeRO-2 1e-7 to 6e-5 and ZeRO-3 1e-5 to 8e-5 away (fp32 summation order),
+    # unclipped 0.96-0.98
     assert moved > 1.0
-    assert l2_distance(teachers[0], teachers[3]) < 0.05 * moved
+    assert distances["zero2"] < 1e-3 * moved and distances["zero3"] < 1e-3 * moved
+    assert distances["zero2_unclipped"] > 0.2 * moved
 
 
 def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(image_slice, run_env, tmp_path):
