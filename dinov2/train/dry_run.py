@@ -6,7 +6,9 @@ and backward (x3) over 2 global + n local crops, the teacher's forward over the 
 the heads. Memory assumes what the engine does: fp32 master weights, bf16 autocast, AdamW (two fp32
 moments), the teacher in fp32 (partitioned under ZeRO-3), and activations without recomputation,
 estimated at 34 bytes x tokens x width per block (flash attention: no tokens^2 term); the
-activation figure is an estimate, the rest is exact bookkeeping.
+activation figure is an estimate, the rest is exact bookkeeping. Exports and checkpoints run between
+steps, when the activations are freed; under ZeRO-3 they gather the teacher one parameter at a time,
+so the largest teacher parameter (fp32) is counted when it exceeds the activations.
 """
 
 from dataclasses import dataclass
@@ -61,10 +63,12 @@ class Budget:
     flops_per_image: float
     activation_bytes_per_image: float
     replicated_parameters: int = 0  # frozen weights outside DeepSpeed (a distillation teacher): whole on every GPU
+    largest_exported_parameter: int = 0  # gathered whole on every GPU by exports under ZeRO-3
 
     def memory_gib(self, zero_stage: int, gpus: int, images_per_gpu: int) -> float:
         """``student_parameters`` are trained (fp32 weights, gradients, two AdamW moments); the
-        ``teacher_parameters`` are EMAs inside the DeepSpeed module (fp32, partitioned under ZeRO-3)."""
+        ``teacher_parameters`` are EMAs inside the DeepSpeed module (fp32, partitioned under ZeRO-3),
+        whose exports gather ``largest_exported_parameter`` whole between steps under ZeRO-3."""
         student, teacher = self.student_parameters, self.teacher_parameters
         weights, gradients, moments = 4 * student, 4 * student, 8 * student
         if zero_stage >= 1:
@@ -75,7 +79,8 @@ class Budget:
             weights /= gpus
             teacher = teacher / gpus
         total = weights + gradients + moments + 4 * teacher + 4 * self.replicated_parameters
-        return (total + self.activation_bytes_per_image * images_per_gpu) / 2**30
+        between_steps = 4 * self.largest_exported_parameter if zero_stage >= 3 else 0
+        return (total + max(self.activation_bytes_per_image * images_per_gpu, between_steps)) / 2**30
 
 
 def budget(recipe: Recipe) -> Budget:
@@ -98,6 +103,7 @@ def budget(recipe: Recipe) -> Budget:
         backbone_parameters=count(meta.student.backbone),
         flops_per_image=3 * (student_forward + student_heads) + teacher,
         activation_bytes_per_image=activation_bytes(config, crops),
+        largest_exported_parameter=max(p.numel() for p in meta.teacher.parameters()),
     )
 
 
@@ -132,6 +138,7 @@ def dry_run_report(recipe: Recipe, gpus: tuple[int, ...] = GPU_COUNTS, assumed_m
         "student_parameters": result.student_parameters,
         "backbone_parameters": result.backbone_parameters,
         "teacher_parameters": result.teacher_parameters,
+        "zero3_export_gathers_gib": round(4 * result.largest_exported_parameter / 2**30, 3),
         **compute_summary(result, recipe, assumed_mfu),
         "memory_per_gpu": table,
         "deepspeed_config": deepspeed_config(recipe, max(table) if table else 1),

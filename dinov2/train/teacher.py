@@ -1,7 +1,7 @@
 """EMA copies (the pretraining teacher, the distilled students' final models) and their export."""
 
 import json
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,50 +29,62 @@ def update_emas(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> No
         torch._foreach_add_(ema_values, trained_values, alpha=1.0 - momentum)
 
 
-def gathered(module: nn.Module, modifier_rank: int | None = None):
-    """Full parameters of a ZeRO-3 partitioned module inside the context; no-op otherwise. Changes made
-    on ``modifier_rank`` are partitioned back on exit (``None``: read-only)."""
-    parameters = list(module.parameters())
-    if not any(hasattr(p, "ds_tensor") for p in parameters):
+def _gathered(tensor: torch.Tensor, modifier_rank: int | None = None):
+    """The whole of one ZeRO-3 partitioned parameter inside the context (a collective every rank
+    joins); no-op for anything DeepSpeed does not partition. Changes made on ``modifier_rank`` are
+    partitioned back on exit (``None``: read-only)."""
+    if not hasattr(tensor, "ds_id"):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+    return deepspeed.zero.GatheredParameters([tensor], modifier_rank=modifier_rank)
+
+
+def gathered_state(modules: dict[str, nn.Module], is_writer: bool) -> dict[str, torch.Tensor]:
+    """Every state tensor of ``modules`` as ``<name>.<key>`` -> a CPU copy on the writer, nothing elsewhere.
+
+    Every rank must call it. Under ZeRO-3 the parameters are gathered one at a time: DeepSpeed has
+    no gather to a single rank, and gathering a whole ViT-g teacher (about 5 GB) would put it on
+    every GPU at once; this way no GPU holds more than its partitions plus one whole parameter.
+    """
+    tensors = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict(keep_vars=True).items():
+            with _gathered(value):
+                if is_writer:
+                    tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+class _GatheredBackbone:
+    """What ``save_backbone`` reads of a backbone, from its state gathered to the writer."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
+        self.config = config
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
 
 
 def export_models(models: nn.ModuleDict, folder: Path, is_writer: bool, metadata: dict) -> Path:
     """backbone.safetensors (released-hub layout) + heads.safetensors (dino_head.*, ibot_head.*).
 
-    Every rank must call this (ZeRO-3 gathers collectively); only ``is_writer`` writes.
+    Every rank must call this (ZeRO-3 gathers collectively, one parameter at a time); only ``is_writer`` writes.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    with gathered(models):
-        if is_writer:
-            header = {
-                key: json.dumps(value) if not isinstance(value, str) else value for key, value in metadata.items()
-            }
-            save_backbone(models["backbone"], folder / "backbone.safetensors", metadata=header)
-            heads = {
-                f"{name}.{key}": value.detach().cpu().contiguous()
-                for name, module in models.items()
-                if name != "backbone"
-                for key, value in module.state_dict().items()
-            }
-            write_atomically(folder / "heads.safetensors", lambda tmp: save_file(heads, str(tmp), metadata=header))
+    tensors = gathered_state(dict(models.items()), is_writer)
+    if is_writer:
+        header = {key: json.dumps(value) if not isinstance(value, str) else value for key, value in metadata.items()}
+        backbone = {key.removeprefix("backbone."): v for key, v in tensors.items() if key.startswith("backbone.")}
+        heads = {key: value for key, value in tensors.items() if not key.startswith("backbone.")}
+        save_backbone(
+            _GatheredBackbone(models["backbone"].config, backbone), folder / "backbone.safetensors", metadata=header
+        )
+        write_atomically(folder / "heads.safetensors", lambda tmp: save_file(heads, str(tmp), metadata=header))
     return folder
-
-
-def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
-
-
-def _gathered_all(modules: dict[str, nn.Module], modifier_rank: int | None = None) -> ExitStack:
-    stack = ExitStack()
-    for module in modules.values():
-        stack.enter_context(gathered(module, modifier_rank))
-    return stack
 
 
 def save_ema_state(modules: dict[str, nn.Module], path: Path, is_writer: bool) -> None:
@@ -83,19 +95,24 @@ def save_ema_state(modules: dict[str, nn.Module], path: Path, is_writer: bool) -
     """
     from safetensors.torch import save_file
 
-    with _gathered_all(modules):
-        if is_writer:
-            tensors = {key: value.detach().cpu().contiguous() for key, value in _state_tensors(modules).items()}
-            write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
+    tensors = gathered_state(modules, is_writer)
+    if is_writer:
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_ema_state(modules: dict[str, nn.Module], path: Path) -> None:
-    from safetensors.torch import load_file
+    """The inverse of ``save_ema_state``, one tensor at a time (read lazily from the file; under ZeRO-3
+    each parameter is gathered, set from rank 0's copy and partitioned again)."""
+    from safetensors import safe_open
 
-    saved = load_file(str(path))
-    with _gathered_all(modules, modifier_rank=0), torch.no_grad():
-        current = _state_tensors(modules)
-        if current.keys() != saved.keys():
+    current = {
+        f"{name}.{key}": value
+        for name, module in modules.items()
+        for key, value in module.state_dict(keep_vars=True).items()
+    }
+    with safe_open(str(path), framework="pt") as saved, torch.no_grad():
+        if set(current) != set(saved.keys()):
             raise RuntimeError(f"{path} does not hold this model's EMA state")
         for key, value in current.items():
-            value.copy_(saved[key].to(value.device, value.dtype))
+            with _gathered(value, modifier_rank=0):
+                value.data.copy_(saved.get_tensor(key).to(value.device, value.dtype))

@@ -7,7 +7,7 @@ import torch
 
 from dinov2.configuration import ConfigError
 from dinov2.train.config import load_recipe
-from dinov2.train.dry_run import budget, dry_run_report
+from dinov2.train.dry_run import Budget, budget, dry_run_report
 from dinov2.train.param_groups import apply_schedules, layer_id, param_groups
 from dinov2.train.schedules import CosineScheduler, build_schedules, scaled_lr
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -130,6 +130,20 @@ def test_dry_run_sizes_vitg14_on_the_meta_device():
     assert memory["images_per_gpu"] == 12
     assert memory["zero3_gib"] < memory["zero2_gib"] < memory["zero1_gib"] < memory["zero0_gib"]
     assert report["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 12
+    # the largest parameter an export gathers under ZeRO-3: the DINO head's prototypes, 131072 x 384 in fp32
+    assert result.largest_exported_parameter == 131072 * 384
+    assert report["zero3_export_gathers_gib"] == round(4 * 131072 * 384 / 2**30, 3)
+
+
+def test_memory_per_gpu_counts_what_a_zero3_export_gathers_between_steps():
+    # 100 trained and 100 EMA parameters, 10 bytes of activations per image, a 50-element largest parameter
+    result = Budget(student_parameters=100, teacher_parameters=100, backbone_parameters=80, flops_per_image=0.0,
+                    activation_bytes_per_image=10.0, largest_exported_parameter=50)  # fmt: skip
+    # ZeRO-2 on 2 GPUs: weights 400 + gradients 400 / 2 + moments 800 / 2 + teacher 400 + activations 10
+    assert result.memory_gib(2, gpus=2, images_per_gpu=1) * 2**30 == 1410
+    # ZeRO-3: everything halved (1000 bytes); the export's 200-byte gather outweighs 10 bytes of activations
+    assert result.memory_gib(3, gpus=2, images_per_gpu=1) * 2**30 == 1200
+    assert result.memory_gib(3, gpus=2, images_per_gpu=30) * 2**30 == 1300
 
 
 def test_the_step_benchmark_runs_on_a_tiny_configuration():
@@ -157,3 +171,27 @@ def test_the_step_benchmark_runs_on_a_tiny_configuration():
     assert figures["recipe"] == "cpu_tiny" and figures["batch_size"] == 4
     assert figures["images_per_second"] > 0 and figures["achieved_tflops"] > 0
     assert figures["mfu"] is None  # no peak is known for a CPU
+
+
+def test_every_recipe_key_is_read_by_the_code():
+    # A key that validates but that no code reads is a setting that silently does nothing.
+    import ast
+    from pathlib import Path
+
+    from dinov2.train.config import Recipe
+
+    package = Path(__file__).resolve().parents[2] / "dinov2"
+    read = set()
+    for source in package.rglob("*.py"):
+        if source.name != "config.py":
+            tree = ast.parse(source.read_text())
+            read.update(node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute))
+    unread = [
+        f"{section}.{key}"
+        for section, field in Recipe.model_fields.items()
+        if hasattr(field.annotation, "model_fields")
+        for key in field.annotation.model_fields
+        if key not in read
+    ]
+    assert unread == []
+
