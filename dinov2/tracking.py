@@ -17,6 +17,7 @@ import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,7 @@ def tracked_run(
         tags = {**(tags or {}), "mlflow.parentRunId": parent}
     if resume_run_id is not None and not _run_exists(resume_run_id):
         resume_run_id = None
+    run_name = run_name or f"{stage} {datetime.now().strftime('%Y-%m-%d %H:%M')}"  # findable in the UI
     if resume_run_id is not None:
         started = mlflow.start_run(run_id=resume_run_id)
     else:
