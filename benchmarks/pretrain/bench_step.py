@@ -116,7 +116,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "images_per_second": round(images_per_second, 2),
-        "achieved_tflops": round(flops / 1e12, 3),
+        "achieved_tflops": float(f"{flops / 1e12:.3g}"),  # 3 significant digits: a slow CPU is not 0
         "mfu": round(flops / peak, 3) if peak else None,
         "peak_memory_gib": round(peak_memory_gib(device), 2),
     }
