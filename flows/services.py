@@ -16,6 +16,7 @@ server a heartbeat; ``down`` stops the workers first (a worker waits for its flo
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -288,37 +289,53 @@ def up(settings: ServiceSettings) -> None:
     print(f"point a shell at them:  source {settings.state_dir / 'env'}")
 
 
-def _stop(settings: ServiceSettings, service: Service, first_signal: int, timeout: float) -> None:
-    pid = running_pid(settings, service)
-    if pid is not None:
-        try:
-            os.killpg(pid, first_signal)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _group_alive(pid):
+def _stop(settings: ServiceSettings, services: list[Service], signals: tuple[int, ...], timeout: float) -> None:
+    """Signal each service's process group (all at once), signal again after a few seconds where one is
+    still running (a worker stops promptly on its second SIGINT), and SIGKILL what is left at ``timeout``."""
+    groups = {service.name: running_pid(settings, service) for service in services}
+    groups = {name: pid for name, pid in groups.items() if pid is not None}
+    # A worker starts each flow run in a session of its own; stop those too, should the worker not.
+    for name, pid in list(groups.items()):
+        for child_group in _child_groups(pid):
+            groups[f"{name} flow run {child_group}"] = child_group
+    deadline = time.monotonic() + timeout
+    for number, signal_number in enumerate(signals):
+        for pid in groups.values():
+            if _group_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal_number)
+        wait_until = deadline if number == len(signals) - 1 else min(deadline, time.monotonic() + 5)
+        while time.monotonic() < wait_until and any(_group_alive(pid) for pid in groups.values()):
             time.sleep(0.2)
+    for name, pid in groups.items():
         if _group_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-        print(f"{service.name} stopped")
-    _pid_file(settings, service.name).unlink(missing_ok=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        print(f"{name} stopped")
+    for service in services:
+        _pid_file(settings, service.name).unlink(missing_ok=True)
+
+
+def _processes() -> list[tuple[int, int, int, str]]:
+    """(pid, parent pid, process group, state) of every process."""
+    result = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True, timeout=10)
+    rows = [line.split() for line in result.stdout.splitlines()]
+    return [(int(pid), int(ppid), int(pgid), state) for pid, ppid, pgid, state in rows]
+
+
+def _child_groups(pid: int) -> set[int]:
+    """Process groups of ``pid``'s children that are not its own group."""
+    return {pgid for _, ppid, pgid, _ in _processes() if ppid == pid and pgid != pid}
 
 
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs (zombies waiting for a parent to reap them do not count)."""
-    result = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, timeout=10)
-    for line in result.stdout.splitlines():
-        group, state = line.split()
-        if int(group) == pgid and not state.startswith("Z"):
-            return True
-    return False
+    return any(group == pgid and not state.startswith("Z") for _, _, group, state in _processes())
 
 
 def down(settings: ServiceSettings) -> None:
-    for worker in worker_services(settings):
-        _stop(settings, worker, signal.SIGINT, WORKER_STOP_TIMEOUT_S)
-    for server in server_services(settings):
-        _stop(settings, server, signal.SIGTERM, SERVER_STOP_TIMEOUT_S)
+    _stop(settings, worker_services(settings), (signal.SIGINT, signal.SIGINT), WORKER_STOP_TIMEOUT_S)
+    _stop(settings, server_services(settings), (signal.SIGTERM,), SERVER_STOP_TIMEOUT_S)
 
 
 def status(settings: ServiceSettings) -> bool:
