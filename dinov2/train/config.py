@@ -45,6 +45,9 @@ class TrainSection(Section):
     seed: int = 0
     num_workers: int = Field(8, ge=0)
     centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    activation_checkpointing: bool = Field(
+        False, description="trained blocks recompute their activations in the backward pass (less memory, more compute)"
+    )
 
 
 class StudentSection(Section):

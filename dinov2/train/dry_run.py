@@ -4,8 +4,9 @@ The model is built on the meta device (no memory), so ViT-g/14 is sized in a sec
 FLOPs are analytic (2 per multiply-add) for one training step of one image: the student's forward
 and backward (x3) over 2 global + n local crops, the teacher's forward over the 2 global crops, and
 the heads. Memory assumes what the engine does: fp32 master weights, bf16 autocast, AdamW (two fp32
-moments), the teacher in fp32 (partitioned under ZeRO-3), and activations without recomputation,
-estimated at 34 bytes x tokens x width per block (flash attention: no tokens^2 term); the
+moments), the teacher in fp32 (partitioned under ZeRO-3), and activations estimated at 34 bytes x
+tokens x width per block (flash attention: no tokens^2 term), or, with
+``train.activation_checkpointing``, each block's fp32 input plus one block recomputed at a time; the
 activation figure is an estimate, the rest is exact bookkeeping. Exports and checkpoints run between
 steps, when the activations are freed; under ZeRO-3 they gather the teacher one parameter at a time,
 so the largest teacher parameter (fp32) is counted when it exceeds the activations.
@@ -43,12 +44,17 @@ def backbone_forward_flops(config: dict, image_size: int) -> float:
     return 2.0 * (depth * (attention_macs + ffn_macs) + patch_macs)
 
 
-def activation_bytes(config: dict, crops) -> float:
-    """Activations kept for the backward of one image's crops (2 global + the locals), no recomputation."""
+def activation_bytes(config: dict, crops, recomputed: bool = False) -> float:
+    """Activations kept for the backward of one image's crops (2 global + the locals). With
+    ``recomputed`` blocks (activation checkpointing) each block keeps only its fp32 input, and one
+    block's activations exist at a time while it is recomputed."""
     patch = config["patch_size"]
     tokens = 2 * ((crops.global_crops_size // patch) ** 2 + 1)
     tokens += crops.local_crops_number * ((crops.local_crops_size // patch) ** 2 + 1)
-    return _ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * config["embed_dim"] * config["depth"]
+    per_block = _ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * config["embed_dim"]
+    if recomputed:
+        return 4 * tokens * config["embed_dim"] * config["depth"] + per_block
+    return per_block * config["depth"]
 
 
 def head_flops(head: torch.nn.Module) -> float:
@@ -102,7 +108,7 @@ def budget(recipe: Recipe) -> Budget:
         teacher_parameters=count(meta.teacher),
         backbone_parameters=count(meta.student.backbone),
         flops_per_image=3 * (student_forward + student_heads) + teacher,
-        activation_bytes_per_image=activation_bytes(config, crops),
+        activation_bytes_per_image=activation_bytes(config, crops, recipe.train.activation_checkpointing),
         largest_exported_parameter=max(p.numel() for p in meta.teacher.parameters()),
     )
 

@@ -33,6 +33,7 @@ from dinov2.data.samplers import ResumableInfiniteSampler
 from dinov2.hub.export import write_atomically
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import tracked_run
+from dinov2.train.activation_checkpointing import checkpoint_blocks
 from dinov2.train.clipping import clip_per_module
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.config import Recipe
@@ -323,6 +324,8 @@ def run_training(
 
     torch.manual_seed(recipe.train.seed)
     objective = build()
+    if recipe.train.activation_checkpointing:
+        checkpoint_blocks(objective.clip_units())
     groups = objective.optimizer_groups()
     optimizer = torch.optim.AdamW(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
     objective.to(device)

@@ -195,3 +195,14 @@ def test_every_recipe_key_is_read_by_the_code():
     ]
     assert unread == []
 
+
+def test_recomputed_blocks_keep_their_inputs_and_one_block_of_activations():
+    from dinov2.train.dry_run import activation_bytes
+
+    recipe = load_recipe("cpu_tiny")  # width 64, 4 blocks, patch 4; 2 crops of 32 px and 4 of 16 px
+    config = SSLMetaArch(recipe).student.backbone.config
+    tokens = 2 * (8 * 8 + 1) + 4 * (4 * 4 + 1)  # 198
+    assert activation_bytes(config, recipe.crops) == 34 * tokens * 64 * 4  # 1,723,392
+    assert activation_bytes(config, recipe.crops, recomputed=True) == 4 * tokens * 64 * 4 + 34 * tokens * 64  # 633,600
+    recomputing = load_recipe("cpu_tiny", ["train.activation_checkpointing=true"])
+    assert budget(recomputing).activation_bytes_per_image == 633_600
