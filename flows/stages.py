@@ -5,10 +5,10 @@ repro``) as a subprocess, the same command a person types. Its output goes into 
 line; the flow-run id and the MLflow tracking URI go into its environment, so the stage's MLflow run
 carries the ``prefect.flow_run_id`` tag and the artifact can link to it.
 
-Failures: exit code 2 is bad input and 3 a non-finite loss (the ``dinov2`` command's codes), 127 a
-command that is not there: retrying cannot help, so the task fails at once. Anything else (a crash, a
-kill, a lost node) is retried; a pretraining run then resumes from its newest checkpoint, because the
-engine does that by itself.
+Failures: exit code 2 is bad input, 3 a non-finite loss and 4 a collapsed objective (the ``dinov2``
+command's codes), 127 a command that is not there: retrying cannot help, so the task fails at once.
+Anything else (a crash, a kill, a lost node) is retried; a pretraining run then resumes from its newest
+checkpoint, because the engine does that by itself.
 """
 
 import json
@@ -32,7 +32,7 @@ from dinov2.tracking import tracking_uri
 # The commands as this interpreter runs them: a worker's PATH need not include the virtual environment.
 DINOV2 = [sys.executable, "-m", "dinov2"]
 DVC = [sys.executable, "-m", "dvc"]
-NON_TRANSIENT_EXIT_CODES = {2: "bad input", 3: "non-finite loss", 127: "command not found"}
+NON_TRANSIENT_EXIT_CODES = {2: "bad input", 3: "non-finite loss", 4: "collapsed objective", 127: "command not found"}
 OUTPUT_TAIL_LINES = 20
 
 
