@@ -2,6 +2,7 @@
 project's dvc.yaml and a reduced params.yaml, on the embedded default data (Fashion-MNIST + planted
 copies + distractors), every stage the real command."""
 
+import copy
 import json
 import os
 import re
@@ -39,8 +40,9 @@ def reduced_params() -> dict:
     params["embed"]["batch_size"] = 64
     params["dedup"]["k"] = 8
     params["retrieve"]["n_clusters"] = 4
-    params["pretrain"].update(SHORT_TRAINING)
-    params["distill"].update(SHORT_TRAINING)
+    # copies: shared dicts would be written as YAML anchors, and one section's edit would change both
+    params["pretrain"].update(copy.deepcopy(SHORT_TRAINING))
+    params["distill"].update(copy.deepcopy(SHORT_TRAINING))
     evaluate = params["evaluate"]
     evaluate["evaluations"] = ["knn"]
     evaluate["knn"]["ks"] = [5, 20]
