@@ -1,6 +1,6 @@
 """Figures of the eval suite on the CIFAR-10 JPEG copy, on this machine.
 
-1. Raw-pixel kNN over the full split (50k train, 10k test; REFERENCE.md section 5: flatten RGB,
+1. Raw-pixel kNN over the full split (50k train, 10k test; the raw-pixel protocol: flatten RGB,
    subtract the train mean image, L2-normalise, cosine, k=20, T=0.07): expected 45.8% +- 1.
 2. The full suite (knn, linear, logreg, retrieval, segmentation proxy) of a random-init tiny ViT
    (width 64, 2 blocks, patch 4, 32 px) on a 10k-image slice

@@ -1,8 +1,6 @@
 """`dinov2 distill`: the training engine with the distillation objective, for every launcher."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import typer
@@ -31,10 +29,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Distil a frozen teacher (with its DINO/iBOT heads, fitted first if it has none) into smaller ViTs."""
         from dinov2.distill.config import DistillRecipe
-        from dinov2.train.collapse import CollapseError
-        from dinov2.train.commands import _exit_cleanly, print_dry_run
+        from dinov2.train.commands import finish_training, print_dry_run
         from dinov2.train.config import recipe_from_params
-        from dinov2.train.train import NonFiniteLossError
 
         overrides = list(override)
         if teacher is not None:
@@ -57,14 +53,4 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--data is required to distil", param_hint="--data")
         from dinov2.distill.run import distill as run_distill
 
-        try:
-            result = run_distill(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data)
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            _exit_cleanly(code=3)
-        except CollapseError as error:
-            print(f"error: {error}", file=sys.stderr)
-            _exit_cleanly(code=4)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
-        _exit_cleanly()
+        finish_training(lambda: run_distill(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data))

@@ -6,7 +6,7 @@ of the last blocks and the mean patch token), from which kNN, logistic regressio
 slice the last CLS token and the linear probe its views.
 
 ``raw_pixels`` is a baseline "backbone": flattened RGB in [0, 1], centred by the train-set mean
-image (REFERENCE.md section 5's raw-pixel kNN protocol); the dense evals do not apply to it.
+image (the raw-pixel kNN protocol of the benchmarks); the dense evals do not apply to it.
 """
 
 import logging

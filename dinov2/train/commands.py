@@ -26,9 +26,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
-        from dinov2.train.collapse import CollapseError
         from dinov2.train.config import Recipe, recipe_from_params
-        from dinov2.train.train import NonFiniteLossError
         from dinov2.train.train import pretrain as run_pretrain
 
         resolved = recipe_from_params(params, "pretrain", recipe, override, "cpu_tiny", Recipe)
@@ -44,17 +42,23 @@ def register(app: typer.Typer) -> None:
             return
         if data is None:
             raise typer.BadParameter("--data is required to train", param_hint="--data")
-        try:
-            result = run_pretrain(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data)
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            _exit_cleanly(code=3)
-        except CollapseError as error:
-            print(f"error: {error}", file=sys.stderr)
-            _exit_cleanly(code=4)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
-        _exit_cleanly()
+        finish_training(lambda: run_pretrain(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data))
+
+
+def finish_training(train) -> None:
+    """Run ``train()``, print its final metrics on rank 0 and leave: exit code 3 for a non-finite loss,
+    4 for a collapsed objective (the stop the recipe asked for), 0 otherwise."""
+    from dinov2.train.collapse import CollapseError
+    from dinov2.train.train import NonFiniteLossError
+
+    try:
+        result = train()
+    except (NonFiniteLossError, CollapseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        _exit_cleanly(code=3 if isinstance(error, NonFiniteLossError) else 4)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"iteration": result.iteration, **result.metrics}, indent=2, sort_keys=True))
+    _exit_cleanly()
 
 
 def print_dry_run(report: dict, headline: str, as_json: bool) -> None:
