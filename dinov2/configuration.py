@@ -70,7 +70,7 @@ def validate(schema: type[SectionT], data: Mapping[str, Any], source: str) -> Se
 
 
 # The sections of params.yaml: one per DVC stage.
-PARAMS_SECTIONS = ("prepare", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
+PARAMS_SECTIONS = ("prepare", "descriptor", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
 
 
 def read_params(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 from dinov2.cli import run
 from dinov2.configuration import PARAMS_SECTIONS
 
-KNOWN = "known sections: prepare, embed, dedup, retrieve, pretrain, distill, evaluate, report"
+KNOWN = "known sections: prepare, descriptor, embed, dedup, retrieve, pretrain, distill, evaluate, report"
 
 
 def dinov2(args: list[str], monkeypatch, capsys) -> str:
@@ -32,7 +32,17 @@ def only_the_params_file_is_left(folder: Path, params: str = "params.yaml") -> b
 
 
 def test_the_known_sections_are_the_pipeline_stages():
-    assert PARAMS_SECTIONS == ("prepare", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
+    assert PARAMS_SECTIONS == (
+        "prepare",
+        "descriptor",
+        "embed",
+        "dedup",
+        "retrieve",
+        "pretrain",
+        "distill",
+        "evaluate",
+        "report",
+    )
 
 
 def test_an_unknown_section_is_named_with_the_known_ones_by_the_real_process(tmp_path):
@@ -55,8 +65,9 @@ def test_an_unknown_section_is_named_with_the_known_ones_by_the_real_process(tmp
         ["embed", "--manifest", "manifest.parquet", "--out", "embeddings"],
         ["dedup", "--pool", "embeddings", "--out", "dedup"],
         ["evaluate", "--backbone", "raw_pixels", "--out", "report", "--metrics", "metrics.json"],
+        ["train-descriptor", "--manifest", "manifest.parquet", "--out", "descriptor"],
     ],
-    ids=["embed", "dedup", "evaluate"],
+    ids=["embed", "dedup", "evaluate", "train-descriptor"],
 )
 def test_every_stage_refuses_a_file_with_unknown_sections(command, workdir, monkeypatch, capsys):
     (workdir / "params.yaml").write_text("embed: {}\nretreive: {}\ntrain: {}\n")

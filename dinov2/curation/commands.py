@@ -1,4 +1,5 @@
-"""The curation stage commands: ``dinov2 prepare`` (and ``prepare-default``), ``embed``, ``dedup`` and ``retrieve``.
+"""The curation stage commands: ``dinov2 prepare`` (and ``prepare-default``), ``embed``, ``dedup`` and ``retrieve``,
+and ``dinov2 train-descriptor``, which trains the copy-detection descriptor ``embed`` can use.
 
 Each reads its section of params.yaml (validated before any work), takes explicit input and output
 paths so DVC and Prefect can wire it, writes metrics and plots into its output folder and logs them
@@ -10,10 +11,12 @@ from pathlib import Path
 import typer
 
 from dinov2.configuration import load_section
-from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
+from dinov2.curation.params import DedupParams, DescriptorParams, EmbedParams, PrepareParams, RetrieveParams
 from dinov2.tracking import tracked_run
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Training losses go to MLflow every this many steps (and at the last step).
+LOG_EVERY_STEPS = 10
 PARAMS = typer.Option(
     None, help="Params file holding this stage's section (default: ./params.yaml if there is one, else defaults)."
 )
@@ -114,3 +117,33 @@ def register(app: typer.Typer) -> None:
         metrics = stages.retrieve(pool, kept, seed, out, config)
         _log("retrieve", {**config.model_dump(), "pool": str(pool)}, metrics, out)
         typer.echo(f"{metrics['retrieve/curated']} curated images in {out / 'curated.parquet'}")
+
+    @app.command("train-descriptor")
+    def train_descriptor(
+        manifest: Path = typer.Option(..., help="Pool manifest.parquet written by `dinov2 prepare`."),
+        out: Path = typer.Option(..., help="Descriptor folder: descriptor.safetensors, descriptor.json, plots/."),
+        params: Path | None = PARAMS,
+    ) -> None:
+        """Train an SSCD-style copy descriptor on a pool (no labels needed) and calibrate its dedup thresholds;
+        embed with it through `embed.model: descriptor:OUT`."""
+        from dinov2.curation.trained_descriptor.stage import check_inputs
+        from dinov2.curation.trained_descriptor.stage import train_descriptor as train
+
+        config = _section(params, "descriptor", DescriptorParams)
+        check_inputs(manifest, config)
+        with tracked_run("train-descriptor", config={**config.model_dump(), "manifest": str(manifest)}) as tracker:
+
+            def log_step(step: int, total: int, losses: dict[str, float]) -> None:
+                if step % LOG_EVERY_STEPS == 0 or step == total - 1:
+                    tracker.log_metrics({f"descriptor/{key}": value for key, value in losses.items()}, step=step)
+
+            metrics = train(manifest, out, config, on_step=log_step)
+            tracker.log_metrics(metrics)
+            tracker.log_artifact(out / "plots", "plots")
+            tracker.log_artifact(out / "metrics.json")
+            tracker.log_artifact(out / "descriptor.json")
+        typer.echo(
+            f"descriptor in {out}: self-dedup threshold {metrics['descriptor/self_threshold']:.4f} "
+            f"(precision {metrics['descriptor/self_precision']:.3f}, recall {metrics['descriptor/self_recall']:.3f} "
+            f"on held-out copies), relative {metrics['descriptor/relative_threshold']:.4f}"
+        )

@@ -1,4 +1,4 @@
-"""The ``prepare``, ``embed``, ``dedup`` and ``retrieve`` sections of params.yaml, validated before any work."""
+"""The ``prepare``, ``embed``, ``dedup``, ``retrieve`` and ``descriptor`` sections of params.yaml, validated first."""
 
 from typing import Literal
 
@@ -74,7 +74,10 @@ class PrepareParams(Section):
 
 
 class EmbedParams(Section):
-    model: str = Field("copy_descriptor", description="copy_descriptor, a hub name, a .safetensors, torchhub:repo:name")
+    model: str = Field(
+        "copy_descriptor",
+        description="copy_descriptor, a hub name, a .safetensors, torchhub:repo:name, descriptor:DIR, sscd:FILE_OR_URL",
+    )
     weights: str | None = None
     crop_size: int = Field(224, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -178,3 +181,73 @@ class RetrieveParams(Section):
 
     def for_dataset(self, source: str) -> SeedRetrieval:
         return self.datasets.get(source, self.default)
+
+
+class DescriptorEdits(Section):
+    """The copy edits that make the two training views of an image (trained_descriptor/copy_edits.py)."""
+
+    crop_probability: float = Field(0.9, ge=0, le=1)
+    crop_min_kept: float = Field(0.65, gt=0, le=1, description="Smallest fraction of each side a crop keeps.")
+    aspect_change: float = Field(1.2, ge=1, description="A crop's width / height ratio changes by up to this factor.")
+    rotation_probability: float = Field(0.6, ge=0, le=1)
+    rotation_degrees: float = Field(15.0, ge=0, le=180)
+    flip_probability: float = Field(0.5, ge=0, le=1)
+    colour_probability: float = Field(0.8, ge=0, le=1)
+    colour_strength: float = Field(0.3, ge=0, lt=1, description="Brightness, contrast, saturation x [1-s, 1+s].")
+    hue_shift: float = Field(0.02, ge=0, le=0.5, description="Largest hue rotation, as a fraction of the circle.")
+    grey_probability: float = Field(0.1, ge=0, le=1)
+    overlay_probability: float = Field(0.05, ge=0, le=1, description="A line of text or a filled shape.")
+    overlay_size: float = Field(0.3, gt=0, le=1, description="Largest overlay, as a fraction of the image side.")
+    padding_probability: float = Field(0.05, ge=0, le=1)
+    padding_max: float = Field(0.15, ge=0, le=1, description="Widest border, as a fraction of the image side.")
+    blur_probability: float = Field(0.1, ge=0, le=1)
+    blur_radius: float = Field(1.0, gt=0, description="Largest Gaussian radius, in pixels of the network input.")
+    jpeg_probability: float = Field(0.5, ge=0, le=1)
+    jpeg_quality: tuple[int, int] = Field((30, 95), description="Lowest and highest JPEG quality.")
+    original_view_probability: float = Field(
+        0.5, ge=0, le=1, description="The first view is the unedited image (as dedup compares an original and a copy)."
+    )
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 100:
+            raise ValueError(f"jpeg_quality must be two qualities 1 <= low <= high <= 100, got {list(value)}")
+        return value
+
+
+class DescriptorCalibration(Section):
+    """How the dedup thresholds of a trained descriptor are measured (trained_descriptor/calibration.py)."""
+
+    images: int = Field(
+        500, ge=2, le=5000, description="Pool images held out of training; each gets one synthetic copy."
+    )
+    self_precision: float = Field(0.99, gt=0, le=1, description="Precision the self-dedup threshold must reach.")
+    relative_false_removal: float = Field(
+        0.01, ge=0, lt=1, description="Largest share of other pool images that the held-out images may remove."
+    )
+    pool_images: int = Field(5000, ge=1, description="Training images scored as the other pool images, at most.")
+
+
+class DescriptorParams(Section):
+    """``dinov2 train-descriptor``: an SSCD-style copy-detection network trained on the pool, without labels."""
+
+    seed: int = 0
+    input_size: int = Field(28, ge=8, description="Images are resized to this square (28: Fashion-MNIST's side).")
+    width: int = Field(32, ge=4, description="Channels of the first stage; doubled at every further stage.")
+    stages: int = Field(2, ge=1, le=6, description="Each stage after the first halves the resolution.")
+    blocks_per_stage: int = Field(2, ge=0, le=8, description="Residual blocks in every stage.")
+    dim: int = Field(128, ge=8, description="Size of the descriptor.")
+    gem_p: float = Field(3.0, ge=1, description="Exponent of the generalised-mean pooling.")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2, description="Images per step (two views each).")
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (SSCD: 0.05).")
+    entropy_weight: float = Field(1.0, ge=0, description="Weight of the entropy (KoLeo) regulariser.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; the GPU when there is one if unset.")
+    num_workers: int = Field(2, ge=0, description="DataLoader processes making the training views.")
+    max_pixels: int | None = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger JPEGs are decoded at reduced size.")
+    edits: DescriptorEdits = Field(default_factory=DescriptorEdits)
+    calibration: DescriptorCalibration = Field(default_factory=DescriptorCalibration)
