@@ -6,11 +6,17 @@
 - a hub name such as ``dinov2_vits14`` (random init, or ``weights`` = path / URL / ``LVD142M``);
 - a ``.safetensors`` file written by ``dinov2.hub.save_backbone`` (the architecture is in the file);
 - ``torchhub:<repo>:<entry point>``, e.g. ``torchhub:facebookresearch/dinov2:dinov2_vits14`` or a local
-  hub directory, loaded with ``torch.hub.load`` (the model must return one embedding per image).
+  hub directory, loaded with ``torch.hub.load`` (the model must return one embedding per image);
+- ``descriptor:<folder>``: a copy-detection descriptor trained on the pool by ``dinov2 train-descriptor``,
+  with the dedup thresholds calibrated when it was trained;
+- ``sscd:<path or URL>``: a released SSCD TorchScript file (``sscd_disc_mixup.torchscript.pt``), with
+  SSCD's preprocessing and the paper's dedup thresholds for it.
 """
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +38,9 @@ from dinov2.data.transforms import make_eval_transform
 # are a backbone's defaults, recorded as calibrated for SSCD: dedup refuses them for any other model.
 PAPER_THRESHOLDS = {"self": 0.6, "relative": 0.45}
 PAPER_THRESHOLDS_MODEL = "SSCD (the paper's copy-detection model)"
+# SSCD's batch preprocessing: resize to a fixed square (skewing the image, which copy detection tolerates
+# better than a centre crop that cuts the copied content), ImageNet normalisation.
+SSCD_INPUT_SIZE = 320
 
 
 def parameter_fingerprint(model: nn.Module) -> str:
@@ -127,6 +136,53 @@ class BackboneEmbedder:
         return self.embed_batch(torch.stack([self.preprocess(image) for image in images]))
 
 
+def trained_descriptor_embedder(model: str, device: str) -> BackboneEmbedder:
+    """``descriptor:<folder>``: its network, input size and the thresholds calibrated for it when trained."""
+    from dinov2.curation.trained_descriptor.model import read_descriptor, to_input
+
+    network, meta = read_descriptor(model.removeprefix("descriptor:"))
+    size = network.architecture.input_size
+    embedder = BackboneEmbedder(network, model, crop_size=size, device=device)
+    embedder.preprocess = partial(to_input, size=size)
+    embedder.thresholds = dict(meta["thresholds"])
+    embedder.thresholds_calibrated_for = model
+    return embedder
+
+
+def sscd_file(location: str) -> Path:
+    """A local SSCD TorchScript file: the path itself, or a URL's download in the torch.hub cache."""
+    if location.startswith(("http://", "https://")):
+        target = Path(torch.hub.get_dir()) / "sscd" / Path(location.split("?")[0]).name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(location, str(target))
+        return target
+    path = Path(location)
+    if not path.is_file():
+        raise FileNotFoundError(f"SSCD TorchScript file not found: {path}")
+    return path
+
+
+def sscd_embedder(model: str, device: str) -> BackboneEmbedder:
+    """``sscd:<path or URL>``: SSCD inputs are 320 x 320 and ImageNet-normalised; the dedup thresholds are the
+    paper's, which it measured with SSCD (SSCD's own documentation puts cosine 0.75 at about 90% precision on
+    DISC21 pairs for sscd_disc_mixup: ``embed.calibrated_thresholds`` sets stricter values)."""
+    from dinov2.curation.trained_descriptor.model import to_input
+
+    path = sscd_file(model.removeprefix("sscd:"))
+    try:
+        with warnings.catch_warnings():
+            # SSCD is released as TorchScript, which torch now calls deprecated: the format of the files is not ours.
+            warnings.simplefilter("ignore", FutureWarning)
+            network = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a TorchScript model: {str(error).splitlines()[0]}") from error
+    embedder = BackboneEmbedder(network, model, crop_size=SSCD_INPUT_SIZE, device=device)
+    embedder.preprocess = partial(to_input, size=SSCD_INPUT_SIZE)
+    embedder.thresholds_calibrated_for = model
+    return embedder
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -137,6 +193,12 @@ def build_embedder(model: str, weights: str | None = None, crop_size: int = 224,
         if weights:
             raise ValueError("the copy descriptor has no weights; remove 'weights'")
         return CopyDescriptorEmbedder()
+    if model.startswith(("descriptor:", "sscd:")):
+        if weights:
+            raise ValueError(f"{model} holds its own weights; remove 'weights'")
+        if model.startswith("descriptor:"):
+            return trained_descriptor_embedder(model, device)
+        return sscd_embedder(model, device)
     if model.startswith("torchhub:"):
         parts = model.split(":")
         if len(parts) != 3 or not all(parts[1:]):

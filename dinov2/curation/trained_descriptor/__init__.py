@@ -2,7 +2,7 @@
 
 | module | holds |
 |---|---|
-| ``copy_edits.py`` | the training edits (crop, rotation, mirror, colour, overlay, padding, blur, JPEG) and calibration copies |
+| ``copy_edits.py`` | training edits (crop, rotation, flip, colour, overlay, padding, blur, JPEG), calibration copies |
 | ``model.py`` | the network (residual CNN, GeM pooling, L2-normalised projection) and its folder on disk |
 | ``loss.py`` | InfoNCE between two views of each image, the entropy (KoLeo) regulariser |
 | ``training.py`` | seeded, deterministic training |
