@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dinov2.curation.manifest import read_manifest
+from dinov2.curation.params import DescriptorParams
 from dinov2.curation.report import write_json
 from dinov2.curation.trained_descriptor.calibration import Calibration, calibrate
 from dinov2.curation.trained_descriptor.copy_edits import CALIBRATION_STRENGTHS, TrainingEdits, calibration_copy
@@ -29,7 +30,7 @@ from dinov2.curation.trained_descriptor.training import ImageSource, Schedule, d
 logger = logging.getLogger(__name__)
 
 
-def architecture_of(params) -> Architecture:
+def architecture_of(params: DescriptorParams) -> Architecture:
     return Architecture(
         input_size=params.input_size,
         width=params.width,
@@ -40,7 +41,7 @@ def architecture_of(params) -> Architecture:
     )
 
 
-def schedule_of(params) -> Schedule:
+def schedule_of(params: DescriptorParams) -> Schedule:
     return Schedule(
         epochs=params.epochs,
         batch_size=params.batch_size,
@@ -129,7 +130,7 @@ def calibration_metrics(calibration: Calibration) -> dict[str, float]:
     return metrics
 
 
-def check_inputs(manifest: Path, params) -> list[str]:
+def check_inputs(manifest: Path, params: DescriptorParams) -> list[str]:
     """The manifest's image paths, after every check that needs no training: the manifest is readable, its
     files exist, and it holds enough images to hold some out for calibration and train on the rest."""
     paths = read_manifest(manifest).column("path").to_pylist()
@@ -149,7 +150,10 @@ def held_out_rows(count: int, total: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def train_descriptor(
-    manifest: Path, out: Path, params, on_step: Callable[[int, int, dict[str, float]], None] | None = None
+    manifest: Path,
+    out: Path,
+    params: DescriptorParams,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train, calibrate and write the descriptor folder ``out``; returns its metrics (also in metrics.json)."""
     from dinov2.curation.embedders import default_device
@@ -233,7 +237,7 @@ def train_descriptor(
         "descriptor/held_out_images": len(held_out),
         "descriptor/steps": len(history),
         "descriptor/train_seconds": round(train_seconds, 1),
-        "descriptor/final_loss": history[-1]["loss"] if history else float("nan"),
+        "descriptor/final_loss": history[-1]["loss"],
         **calibration_metrics(calibration),
     }
     meta = {
@@ -249,7 +253,7 @@ def train_descriptor(
     with output_folder(out) as folder:
         write_descriptor(model, meta, folder)
         with open(folder / "plots" / "train.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history_rows[0]) if history_rows else ["step"])
+            writer = csv.DictWriter(handle, fieldnames=list(history_rows[0]))
             writer.writeheader()
             writer.writerows(history_rows)
         calibration_plot(calibration, vectors, folder / "plots" / "calibration.png")
