@@ -61,7 +61,7 @@ def self_dedup_curve(originals: np.ndarray, copies: np.ndarray) -> tuple[np.ndar
     count = len(originals)
     vectors = np.concatenate([originals, copies])
     first, second = np.triu_indices(2 * count, 1)
-    cosines = np.einsum("ij,ij->i", vectors[first], vectors[second])
+    cosines = (vectors @ vectors.T)[first, second]
     true_pair = second - first == count
     order = np.argsort(-cosines, kind="stable")
     cosines, true_pair = cosines[order], true_pair[order]
