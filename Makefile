@@ -19,6 +19,8 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	# Fashion-MNIST, the real images of the tests and the default pipeline: Debian's package, else torchvision's download
 	$(PYTHON) -m dinov2.data.fashion_mnist
+	# Debian's chromium + chromedriver for the UI tests (a few seconds; one line and on where apt-get cannot run)
+	@bash infra/install-browser.sh
 	touch $@
 
 install: $(INSTALLED)

@@ -112,7 +112,8 @@ def server_services(settings: ServiceSettings) -> list[Service]:
     prefect = Service(
         "prefect-server",
         [_program("prefect"), "server", "start", "--host", settings.host, "--port", str(settings.prefect_port)],
-        {"PREFECT_HOME": str(prefect_home)},
+        # The UI asks its API at 127.0.0.1:4200 unless told this server's address (a --port alone does not).
+        {"PREFECT_HOME": str(prefect_home), "PREFECT_UI_API_URL": settings.prefect_api_url},
     )
     mlflow = Service(
         "mlflow-server",
