@@ -37,7 +37,9 @@ def target_statistics(name: str, bottleneck: torch.Tensor, targets: torch.Tensor
     summed = bottleneck.float().sum(0)
     # ||sum z||^2 = n + sum_{i != j} z_i . z_j for unit vectors
     cosine = (summed.dot(summed) - n) / max(n * (n - 1), 1)
-    used = torch.tensor(float(probabilities.argmax(-1).unique().numel()), device=targets.device)
+    # marked in a (K,) vector rather than counted with unique(), whose output size would make the host
+    # wait for the device in the middle of every step
+    used = probabilities.new_zeros(n_prototypes).index_fill_(0, probabilities.argmax(-1), 1.0).sum()
     return {
         f"{name}_target_entropy": entropy,
         f"{name}_bottleneck_cosine": cosine,

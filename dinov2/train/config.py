@@ -48,6 +48,7 @@ class TrainSection(Section):
     activation_checkpointing: bool = Field(
         False, description="trained blocks recompute their activations in the backward pass (less memory, more compute)"
     )
+    compile: bool = Field(False, description="torch.compile every transformer block (student and teacher)")
 
 
 class StudentSection(Section):
@@ -93,6 +94,9 @@ class OptimSection(Section):
     layerwise_decay: float = Field(0.9, gt=0, le=1)
     adamw_beta1: float = Field(0.9, ge=0, lt=1)
     adamw_beta2: float = Field(0.999, ge=0, lt=1)
+    adamw_implementation: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="torch AdamW kernel; auto: fused on CUDA, torch's default elsewhere"
+    )
 
 
 class CropsSection(Section):
@@ -106,7 +110,12 @@ class CropsSection(Section):
 
 class DeepSpeedSection(Section):
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "autocast_bf16", "deepspeed_bf16"] = Field(
+        "auto",
+        description="auto: autocast_bf16 on CUDA, fp32 on CPU; autocast_bf16: fp32 weights, bf16 matmuls; "
+        "deepspeed_bf16: DeepSpeed's bf16 mode (bf16 weights, gradients and communication, fp32 master "
+        "weights in the optimizer) with the EMAs kept in fp32",
+    )
 
 
 class CheckpointSection(Section):

@@ -42,11 +42,3 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` is true on every rank."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() == 1.0)

@@ -29,6 +29,29 @@ def update_emas(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> No
         torch._foreach_add_(ema_values, trained_values, alpha=1.0 - momentum)
 
 
+@torch.no_grad()
+def keep_in_fp32(modules) -> None:
+    """Return the parameters of ``modules`` (the EMAs, the loss centers) to fp32 after DeepSpeed's bf16 mode
+    has cast every parameter of the model it wraps to bf16.
+
+    An EMA must accumulate in fp32: bf16 keeps 8 significant bits, so an update of
+    ``(1 - momentum) * (trained - ema)`` smaller than half of the EMA's rounding step (0.2% of its value) is
+    lost, and with the teacher momentum at 0.994 and rising to 1 nearly every update would be. The EMAs
+    are not trained, so no optimizer holds an fp32 copy of them. Under ZeRO-3 each rank's partition is
+    converted in place (and gathered in fp32 for the forward).
+    """
+    for module in modules:
+        for parameter in module.parameters():
+            if hasattr(parameter, "ds_tensor"):
+                parameter.ds_tensor.data = parameter.ds_tensor.data.float()
+                parameter.data = torch.empty(0, dtype=torch.float32, device=parameter.device)
+            else:
+                parameter.data = parameter.data.float()
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.float()
+
+
 def _gathered(tensor: torch.Tensor, modifier_rank: int | None = None):
     """The whole of one ZeRO-3 partitioned parameter inside the context (a collective every rank
     joins); no-op for anything DeepSpeed does not partition. Changes made on ``modifier_rank`` are

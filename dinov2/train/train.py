@@ -12,6 +12,7 @@ world size is bitwise identical on CPU to an uninterrupted one.
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -26,22 +27,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
-from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
 from dinov2.data.loaders import derived_seed, make_pretraining_loader
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import ResumableInfiniteSampler
 from dinov2.hub.export import write_atomically
+from dinov2.layers import Block
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import tracked_run
 from dinov2.train.activation_checkpointing import checkpoint_blocks
 from dinov2.train.clipping import clip_per_module
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.config import Recipe
-from dinov2.train.distributed import all_ranks_agree, barrier, init_distributed, launched_rank
+from dinov2.train.distributed import barrier, init_distributed, launched_rank
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.teacher import export_models, load_ema_state, save_ema_state, update_emas
+from dinov2.train.teacher import export_models, keep_in_fp32, load_ema_state, save_ema_state, update_emas
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,12 @@ class RunResult:
     output_dir: Path
 
 
-def open_dataset(path: str | Path, transform) -> ImageFolderDataset | ManifestDataset:
+def open_dataset(path: str | Path, transform):
     """A folder of images (any layout) or a Parquet manifest written by the curation stages."""
+    # imported here: the step's pieces (and the step benchmark) import this module on machines
+    # that train on synthetic or in-memory batches and have no pyarrow
+    from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
+
     path = Path(path)
     if path.suffix == ".parquet":
         return ManifestDataset(path, transform=transform)
@@ -83,7 +88,7 @@ def make_collate(recipe: Recipe) -> partial:
 
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     zero_stage = recipe.deepspeed.zero_stage
-    return {
+    config = {
         "train_batch_size": recipe.train.batch_size,
         "train_micro_batch_size_per_gpu": recipe.train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
@@ -93,14 +98,71 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if recipe.deepspeed.precision == "deepspeed_bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def precision_mode(recipe: Recipe, device: torch.device) -> str:
+    """``deepspeed.precision`` with ``auto`` resolved: autocast_bf16 on CUDA, fp32 elsewhere."""
+    precision = recipe.deepspeed.precision
+    if precision == "auto":
+        return "autocast_bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def precision_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (fp32 master weights, as the reference's FSDP mixed precision), else fp32."""
-    precision = recipe.deepspeed.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    """The autocast dtype of the step: bf16 in both bf16 modes, None in fp32.
+
+    Under ``deepspeed_bf16`` autocast still runs the step: it casts the fp32 crops for the bf16 weights
+    and runs the fp32 EMAs (the teacher) in bf16 without a second copy of their weights.
+    """
+    return None if precision_mode(recipe, device) == "fp32" else torch.bfloat16
+
+
+def build_adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW over the objective's groups with the recipe's kernel; ``auto`` takes the fused
+    kernel on CUDA (one launch for every tensor) and torch's default elsewhere."""
+    implementation = recipe.optim.adamw_implementation
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "default"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    return torch.optim.AdamW(
+        groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2), **kernel.get(implementation, {})
+    )
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer block of ``model``; returns how many. A block compiles once per
+    input structure (the student's list of global and local crops, the teacher's global crops). Blocks,
+    not the whole model: the masking, the heads, the losses and DeepSpeed's work between blocks (ZeRO-3
+    gathers each block's weights in module hooks) stay in eager mode."""
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def initialize_engine(
+    objective: "Objective", recipe: Recipe, device: torch.device, world_size: int, load_universal: bool = False
+):
+    """The DeepSpeed engine and optimizer over ``objective`` with the recipe's block options (activation
+    checkpointing, compile), AdamW kernel, ZeRO stage and precision."""
+    import deepspeed
+
+    if recipe.train.activation_checkpointing:
+        checkpoint_blocks(objective.clip_units())
+    if recipe.train.compile:
+        compile_blocks(objective)
+    optimizer = build_adamw(objective.optimizer_groups(), recipe, device)
+    objective.to(device)
+    config = deepspeed_config(recipe, world_size)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
+    if recipe.deepspeed.precision == "deepspeed_bf16":
+        keep_in_fp32(objective.ema_state().values())
+    return engine, optimizer
 
 
 def checkpoint_tags(folder: Path) -> list[str]:
@@ -299,7 +361,6 @@ def run_training(
 ) -> RunResult:
     """Train (or resume) ``build()``'s objective until the recipe's last iteration, or ``max_iterations``
     more in this call. The objective is built right after seeding, so its initialisation is the seed's."""
-    import deepspeed
 
     output_dir = Path(output_dir)
     rank, world_size = launched_rank()
@@ -324,15 +385,8 @@ def run_training(
 
     torch.manual_seed(recipe.train.seed)
     objective = build()
-    if recipe.train.activation_checkpointing:
-        checkpoint_blocks(objective.clip_units())
-    groups = objective.optimizer_groups()
-    optimizer = torch.optim.AdamW(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2))
-    objective.to(device)
-    ds_config = deepspeed_config(recipe, world_size)
-    if load_dir is not None and load_dir != checkpoints:
-        ds_config["checkpoint"] = {"load_universal": True}
-    engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
+    universal = load_dir is not None and load_dir != checkpoints
+    engine, optimizer = initialize_engine(objective, recipe, device, world_size, load_universal=universal)
     schedules = build_schedules(recipe)
     sampler = ResumableInfiniteSampler(
         len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=rank, world_size=world_size
@@ -403,21 +457,34 @@ def run_training(
                 values = schedules.at(iteration)
                 apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
                 batch = next(batches)
-                # unreadable images dropped from this step's batches, summed over ranks
-                skipped = torch.tensor([float(batch.pop("n_skipped", 0))], device=device)
-                skipped_images += int(all_reduce_sum(skipped).item())
+                # unreadable images dropped from this step's batch; summed over ranks with the losses below
+                skipped = torch.tensor([float(batch.pop("n_skipped", 0))])
+                if device.type == "cuda":
+                    skipped = skipped.pin_memory()
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 torch.manual_seed(derived_seed(recipe.train.seed, _ITERATION_RNG_STREAM, iteration, rank))
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     loss, parts = engine(batch, values["teacher_temp"])
-                if not all_ranks_agree(bool(torch.isfinite(loss)), device):
+                # The loop's one read-back from the device per step: a single all-reduce of the losses
+                # (logged as means over ranks, so curves do not depend on rank 0's batch) and of the skipped
+                # images, read before the backward pass. A sum over ranks is finite only if every rank's
+                # loss is, so it also decides for every rank whether to stop before the update.
+                names = ["total_loss", *parts]
+                summed = all_reduce_sum(
+                    torch.cat([
+                        torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float(),
+                        skipped.to(device, non_blocking=True),
+                    ])
+                ).tolist()  # fmt: skip
+                if not math.isfinite(summed[0]):
                     last = latest_complete_tag(checkpoints)
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at iteration {iteration}: stopped before updating the weights; "
-                        f"last good checkpoint: {checkpoints / last if last else 'none'}"
+                        f"loss is {summed[0] / world_size} at iteration {iteration}: stopped before updating the "
+                        f"weights; last good checkpoint: {checkpoints / last if last else 'none'}"
                     )
+                skipped_images += int(summed[-1])
                 engine.backward(loss)
                 if recipe.optim.clip_grad > 0:
                     clip_per_module(clip_units, recipe.optim.clip_grad)
@@ -426,12 +493,8 @@ def run_training(
                 iteration += 1
                 seconds = time.perf_counter() - tick
 
-                # every loss as its mean over ranks (one collective), so curves do not depend on rank 0's batch
-                names = ["total_loss", *parts]
-                means = all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float())
-                step_metrics = {
-                    f"train/{name}": value / world_size for name, value in zip(names, means.tolist(), strict=True)
-                }
+                means = [value / world_size for value in summed[:-1]]
+                step_metrics = {f"train/{name}": mean for name, mean in zip(names, means, strict=True)}
                 step_metrics.update({
                     "train/lr": values["lr"], "train/wd": values["wd"],
                     "train/momentum": values["momentum"], "train/teacher_temp": values["teacher_temp"],
