@@ -75,14 +75,22 @@ def register(app: typer.Typer) -> None:
         manifest: Path = typer.Option(..., help="manifest.parquet written by `dinov2 prepare`."),
         out: Path = typer.Option(..., help="Embedding folder (resumable: finished shards are kept)."),
         params: Path | None = PARAMS,
+        section: str = typer.Option(
+            "embed", help="embed (the copy detector dedup reads) or retrieve.embedder (the embedder retrieve reads)."
+        ),
     ) -> None:
         """Embed a manifest into L2-normalised fp16 shards (under torchrun: shards split over ranks)."""
         from dinov2.curation import stages
 
-        config = _section(params, "embed", EmbedParams)
+        if section == "embed":
+            config = _section(params, "embed", EmbedParams)
+        elif section == "retrieve.embedder":
+            config = _section(params, "retrieve", RetrieveParams).embedder
+        else:
+            raise ValueError(f"--section {section}: expected embed or retrieve.embedder")
         metrics = stages.embed(manifest, out, config)
         if "embed/embedded" in metrics:
-            _log("embed", {**config.model_dump(), "manifest": str(manifest)}, metrics, out)
+            _log("embed", {**config.model_dump(), "manifest": str(manifest), "section": section}, metrics, out)
             typer.echo(f"{metrics['embed/embedded']} embeddings in {out}")
 
     @app.command()

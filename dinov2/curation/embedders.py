@@ -3,6 +3,8 @@
 ``build_embedder(model, weights)`` accepts:
 
 - ``copy_descriptor``: the training-free copy-detection descriptor of ``descriptors.py``;
+- ``raw_pixels``: the image resized to ``crop_size`` squared, mean-centred: a semantic baseline for retrieval
+  that needs no trained model (the evaluation's raw-pixel baseline, per image);
 - a hub name such as ``dinov2_vits14`` (random init, or ``weights`` = path / URL / ``LVD142M``);
 - a ``.safetensors`` file written by ``dinov2.hub.save_backbone`` (the architecture is in the file);
 - ``torchhub:<repo>:<entry point>``, e.g. ``torchhub:facebookresearch/dinov2:dinov2_vits14`` or a local
@@ -102,6 +104,38 @@ class CopyDescriptorEmbedder:
         return self.embed_batch(torch.stack([self.preprocess(image) for image in images]))
 
 
+class RawPixelsEmbedder:
+    """RGB pixels of the image resized to ``side`` x ``side`` (the aspect is not kept), minus their mean, unit norm.
+
+    The mean is the image's own, not the set's, so a vector does not depend on the other images of its manifest.
+    It is no copy detector: the thresholds it records are the paper's, calibrated for SSCD, which dedup refuses.
+    """
+
+    name = "raw_pixels"
+
+    def __init__(self, side: int):
+        self.side = side
+        self.dim = 3 * side * side
+        self.fingerprint = f"sha256:{hashlib.sha256(f'raw_pixels side={side}'.encode()).hexdigest()[:16]}"
+        self.thresholds = dict(PAPER_THRESHOLDS)
+        self.thresholds_calibrated_for = PAPER_THRESHOLDS_MODEL
+        self.preprocess = partial(raw_pixels, side=side)
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        return batch.numpy()
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        return self.embed_batch(torch.stack([self.preprocess(image) for image in images]))
+
+
+def raw_pixels(image: Image.Image, side: int) -> torch.Tensor:
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1) / 255.0)
+    pixels -= pixels.mean()
+    return pixels / pixels.norm().clamp_min(1e-8)
+
+
 class BackboneEmbedder:
     """Any module mapping a normalised (B, 3, H, W) batch to (B, D) features; outputs are L2-normalised."""
 
@@ -187,12 +221,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def embedder_name(model: str) -> str:
+    """The ``embedder`` that embeddings of ``model`` (an ``embed.model`` value) record in embeddings.json."""
+    return Path(model).name if model.endswith(".safetensors") else model
+
+
 def build_embedder(model: str, weights: str | None = None, crop_size: int = 224, device: str | None = None) -> Embedder:
     device = device or default_device()
     if model == "copy_descriptor":
         if weights:
             raise ValueError("the copy descriptor has no weights; remove 'weights'")
         return CopyDescriptorEmbedder()
+    if model == "raw_pixels":
+        if weights:
+            raise ValueError("raw_pixels has no weights; remove 'weights'")
+        return RawPixelsEmbedder(crop_size)
     if model.startswith(("descriptor:", "sscd:")):
         if weights:
             raise ValueError(f"{model} holds its own weights; remove 'weights'")
@@ -210,7 +253,7 @@ def build_embedder(model: str, weights: str | None = None, crop_size: int = 224,
     if model.endswith(".safetensors"):
         from dinov2.hub import load_backbone
 
-        return BackboneEmbedder(load_backbone(model), Path(model).name, crop_size, device)
+        return BackboneEmbedder(load_backbone(model), embedder_name(model), crop_size, device)
     from dinov2.hub import create
 
     network = create(model, pretrained=weights is not None, **({"weights": weights} if weights else {}))

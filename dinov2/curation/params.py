@@ -76,7 +76,8 @@ class PrepareParams(Section):
 class EmbedParams(Section):
     model: str = Field(
         "copy_descriptor",
-        description="copy_descriptor, a hub name, a .safetensors, torchhub:repo:name, descriptor:DIR, sscd:FILE_OR_URL",
+        description="copy_descriptor, raw_pixels, a hub name, a .safetensors, torchhub:repo:name, descriptor:DIR, "
+        "sscd:FILE_OR_URL",
     )
     weights: str | None = None
     crop_size: int = Field(224, ge=1)
@@ -163,6 +164,11 @@ class BalancedRetrieval(Section):
 
 
 class RetrieveParams(Section):
+    # The paper retrieves with a semantic embedder (a ViT pretrained on ImageNet-22k), not with the copy detector
+    # dedup uses: `dinov2 embed --section retrieve.embedder` embeds the pool and the seed sets with this one.
+    embedder: EmbedParams = Field(
+        default_factory=EmbedParams, description="The embed settings of the pool and seed embeddings retrieve reads."
+    )
     n_clusters: int = Field(100, ge=1, description="k-means clusters of the pool for cluster-based retrieval.")
     kmeans_iterations: int = Field(20, ge=1)
     seed: int = 0

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from dinov2.curation.dedup import check_threshold, relative_dedup, self_dedup
-from dinov2.curation.embedders import build_embedder
-from dinov2.curation.embeddings import EmbeddingSet, check_same_model, embed_manifest, load_embeddings
+from dinov2.curation.embedders import build_embedder, embedder_name
+from dinov2.curation.embeddings import EmbeddingError, EmbeddingSet, check_same_model, embed_manifest, load_embeddings
 from dinov2.curation.index import VectorIndex
 from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans
 from dinov2.curation.manifest import build_manifest, read_manifest, write_table_atomically
@@ -242,6 +242,14 @@ def retrieve(pool_dir: Path, kept_manifest: Path, seed_dirs: Sequence[Path], out
     embeddings = load_embeddings(pool_dir)
     for seed in seeds:
         check_same_model(embeddings, seed)
+    # dedup's copy detector and retrieval's embedder are different models: the embeddings of the wrong one
+    # would retrieve by copy-likeness instead of by content
+    expected = embedder_name(params.embedder.model)
+    if embeddings.embedder != expected:
+        raise EmbeddingError(
+            f"{pool_dir} holds embeddings of {embeddings.embedder}, but retrieve.embedder.model is {expected}: "
+            "embed the pool and seed sets with `dinov2 embed --section retrieve.embedder`"
+        )
     kept_ids = set(read_manifest(kept_manifest, check_files=False).column("id").to_pylist())
     pool_rows = np.array([i for i, image_id in enumerate(embeddings.ids) if image_id in kept_ids], dtype=np.int64)
     if len(pool_rows) == 0:
