@@ -110,12 +110,21 @@ class CropsSection(Section):
 
 class DeepSpeedSection(Section):
     zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="cpu: the optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (ZeRO-1/2/3)"
+    )
     precision: Literal["auto", "fp32", "autocast_bf16", "deepspeed_bf16"] = Field(
         "auto",
         description="auto: autocast_bf16 on CUDA, fp32 on CPU; autocast_bf16: fp32 weights, bf16 matmuls; "
         "deepspeed_bf16: DeepSpeed's bf16 mode (bf16 weights, gradients and communication, fp32 master "
         "weights in the optimizer) with the EMAs kept in fp32",
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedSection":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-0 has no optimizer state to offload)")
+        return self
 
 
 class CheckpointSection(Section):

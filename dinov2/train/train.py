@@ -37,7 +37,7 @@ from dinov2.tracking import tracked_run
 from dinov2.train.activation_checkpointing import checkpoint_blocks
 from dinov2.train.clipping import clip_per_module
 from dinov2.train.collapse import CollapseMonitor
-from dinov2.train.config import Recipe
+from dinov2.train.config import DeepSpeedSection, Recipe
 from dinov2.train.distributed import barrier, init_distributed, launched_rank
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
@@ -86,15 +86,24 @@ def make_collate(recipe: Recipe) -> partial:
     )
 
 
+def zero_optimization(section: DeepSpeedSection) -> dict[str, Any]:
+    """ZeRO's settings. ``offload_optimizer: cpu`` keeps the optimizer state (Adam moments, 8 bytes per
+    parameter, and in DeepSpeed's bf16 mode the fp32 master weights) in pinned CPU memory, where DeepSpeed's
+    CPU Adam steps it."""
+    zero: dict[str, Any] = {"stage": section.zero_stage, "stage3_param_persistence_threshold": 0}
+    if section.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
-    zero_stage = recipe.deepspeed.zero_stage
     config = {
         "train_batch_size": recipe.train.batch_size,
         "train_micro_batch_size_per_gpu": recipe.train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
         # DeepSpeed would clip one global norm; the engine clips each module instead (clipping.py)
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero_optimization(recipe.deepspeed),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -120,9 +129,15 @@ def precision_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     return None if precision_mode(recipe, device) == "fp32" else torch.bfloat16
 
 
-def build_adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+def build_adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
     """torch's AdamW over the objective's groups with the recipe's kernel; ``auto`` takes the fused
     kernel on CUDA (one launch for every tensor) and torch's default elsewhere."""
+    if recipe.deepspeed.offload_optimizer == "cpu":
+        # the offloaded state is stepped where it lives: DeepSpeed's CPU Adam (a C++ op compiled on first
+        # use) in its AdamW mode; DeepSpeed refuses torch's optimizers with offload
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=(recipe.optim.adamw_beta1, recipe.optim.adamw_beta2), adamw_mode=True)
     implementation = recipe.optim.adamw_implementation
     if implementation == "auto":
         implementation = "fused" if device.type == "cuda" else "default"

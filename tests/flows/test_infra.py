@@ -60,7 +60,7 @@ def sbatch_launch_line(script: str) -> list[str]:
 @pytest.fixture(scope="module")
 def launched_dry_runs() -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
     """The engine arguments each rendered launch of a deployment runs (taken from the rendered text), and
-    the engine's dry run of them; the three run side by side."""
+    the engine's dry run of them; they run side by side."""
     slurm_script = rendered_launch("pretrain/vitg").files["pretrain.sbatch"]
     job = yaml.safe_load(rendered_launch("pretrain/vitl").files["pytorchjob.yaml"])
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
@@ -69,6 +69,9 @@ def launched_dry_runs() -> dict[str, tuple[list[str], subprocess.CompletedProces
         "kubernetes": engine_arguments_after_module(master["command"]),
         "local": engine_arguments_after_module(rendered_launch("pretrain/cpu").command),
     }
+    # pretrain/vitg with ZeRO-3 and the optimizer state offloaded to CPU memory
+    offload = ["--set", "deepspeed.zero_stage=3", "--set", "deepspeed.offload_optimizer=cpu"]
+    commands["slurm offload"] = commands["slurm"] + offload
     started = {
         key: subprocess.Popen(
             [sys.executable, "-m", "dinov2", *arguments, "--dry-run", "--json"],
@@ -124,6 +127,8 @@ def test_the_pytorchjob_for_pretrain_vitl_has_one_master_and_seven_workers():
 def test_every_rendered_launch_command_is_accepted_by_the_engine(launched_dry_runs):
     recipes = {"slurm": "vitg14", "kubernetes": "vitl14", "local": "cpu_tiny"}
     for key, (arguments, result) in launched_dry_runs.items():
+        if key == "slurm offload":
+            continue
         assert arguments[:3] == ["pretrain", "--recipe", recipes[key]]
         assert result.returncode == 0, f"{key}: {result.stderr}"
         assert json.loads(result.stdout)["recipe"] == recipes[key]
@@ -137,9 +142,13 @@ def test_the_deepspeed_configs_are_what_the_engine_builds_for_vitg14_on_256_gpus
     for stage in (1, 2, 3):
         expected = {**engine, "zero_optimization": {**engine["zero_optimization"], "stage": stage}}
         assert json.loads((INFRA / "deepspeed" / f"zero{stage}.json").read_text()) == expected
-    offload = json.loads((INFRA / "deepspeed" / "zero3_offload.json").read_text())
-    assert offload["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}
-    assert offload == json.loads((INFRA / "deepspeed" / "zero3.json").read_text())
+    # deepspeed.offload_optimizer=cpu adds ZeRO's offload_optimizer section, and nothing else
+    _, result = launched_dry_runs["slurm offload"]
+    assert result.returncode == 0, result.stderr
+    offloaded = json.loads(result.stdout)["deepspeed_config"]
+    assert json.loads((INFRA / "deepspeed" / "zero3_offload.json").read_text()) == offloaded
+    assert offloaded["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}
+    assert offloaded == json.loads((INFRA / "deepspeed" / "zero3.json").read_text())
 
 
 def test_the_hostfile_example_names_nodes_with_their_gpu_slots():
@@ -189,3 +198,11 @@ def test_bad_launch_settings_fail_before_anything_renders():
         launch_plan(
             "deepspeed", arguments, nodes=2, gpus_per_node=8, cluster=ClusterSettings(), name="x", environment={}
         )
+
+
+def test_optimizer_offload_on_zero_0_is_refused_naming_both_keys():
+    from dinov2.configuration import ConfigError
+    from dinov2.train.config import load_recipe
+
+    with pytest.raises(ConfigError, match="'deepspeed': Value error, offload_optimizer needs zero_stage 1, 2 or 3"):
+        load_recipe("vitg14", ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"])
