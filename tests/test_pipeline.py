@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 STAGES = {
-    "prepare", "embed@pool", "embed@seed", "embed@eval_test", "embed@eval_train", "dedup", "retrieve", "pretrain",
-    "distill", "evaluate@raw_pixels", "evaluate@teacher_init", "evaluate@teacher", "evaluate@student_init",
-    "evaluate@student", "report",
+    "prepare", "descriptor", "embed@pool", "embed@eval_test", "embed@eval_train", "embed_retrieval@pool",
+    "embed_retrieval@seed", "dedup", "retrieve", "pretrain", "distill", "evaluate@raw_pixels", "evaluate@teacher_init",
+    "evaluate@teacher", "evaluate@student_init", "evaluate@student", "report",
 }  # fmt: skip
 # 6 iterations of 16 images for both trainings
 SHORT_TRAINING = {
@@ -36,6 +36,11 @@ def reduced_params() -> dict:
     params["prepare"]["default_data"].update(
         seed_per_class=4, pool_images=200, eval_train_per_class=10, eval_test_per_class=5, pool_duplicates=20,
         test_copies=10, distractor_digits=20, distractor_photos=4,
+    )  # fmt: skip
+    # one epoch of a small descriptor: seconds
+    params["descriptor"].update(
+        epochs=1, width=8, blocks_per_stage=1, dim=32, batch_size=32, num_workers=0,
+        calibration={"images": 40, "pool_images": 100},
     )  # fmt: skip
     params["embed"]["batch_size"] = 64
     params["dedup"]["k"] = 8
