@@ -200,7 +200,7 @@ def plot(rows: list[dict[str, float]], pixels: float, title: str, path: Path) ->
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("kNN top-1 (k=20), %")
-    axes[1].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="best", fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     partial = path.with_name(f".{path.name}.partial")
