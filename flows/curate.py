@@ -1,11 +1,11 @@
-"""The ``curate`` flow: the curation stages of the DVC pipeline (prepare, embed, dedup, retrieve), which
-turn an image collection into the curated pretraining manifest."""
+"""The ``curate`` flow: the curation stages of the DVC pipeline (prepare, the copy descriptor's training,
+the two embeddings, dedup, retrieve), which turn an image collection into the curated pretraining manifest."""
 
 from prefect import flow
 
 from flows.pipeline import repro
 
-CURATION_STAGES = ("prepare", "embed", "dedup", "retrieve")
+CURATION_STAGES = ("prepare", "descriptor", "embed", "embed_retrieval", "dedup", "retrieve")
 
 
 @flow(name="curate")

@@ -14,7 +14,10 @@ from prefect import flow
 from flows.services import check_tracking_server
 from flows.stages import DVC, publish_results, run_stage
 
-PIPELINE_STAGES = ("prepare", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
+PIPELINE_STAGES = (
+    *("prepare", "descriptor", "embed", "embed_retrieval", "dedup", "retrieve"),
+    *("pretrain", "distill", "evaluate", "report"),
+)
 
 
 def read_pipeline(repository: Path) -> dict:
