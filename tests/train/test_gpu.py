@@ -70,7 +70,7 @@ def test_bf16_steps_stay_close_to_fp32(batch, gpu_fp32_losses, precision, zero_s
     print(f"{precision} ZeRO-{zero_stage} compile={compiled}: {losses}; fp32: {gpu_fp32_losses}")
     assert all(math.isfinite(value) for value in losses)
     # measured on CPU with the same steps: bf16 autocast within 0.03% of fp32, DeepSpeed's bf16 (bf16
-    # weights and gradients) 1.4-1.5% away after 6 steps under ZeRO-2 and ZeRO-3
+    # weights and gradients) 1.4-1.5% away after 6 steps under ZeRO-2 and ZeRO-3, 0.03% without clipping
     assert losses == pytest.approx(gpu_fp32_losses, rel=0.03)
 
 
