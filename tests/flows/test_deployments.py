@@ -112,7 +112,11 @@ def recovered_cpu_run(services, deployment_runs, flow_runs, flows_services) -> R
     returncode, flow_run_id, output = deployment_runs.finish(flow_runs[0]["cpu"])
     run_folder, killed = flow_runs[1], flow_runs[2]
     state = wait_while_running(services, flow_run_id, timeout=120)
-    engines = engine_pids(run_folder)
+    # The launch task terminated the engine before the run was marked crashed; the engine's data-loader
+    # worker (same command line, reads images only) notices its parent's exit within its 5 s status check.
+    deadline = time.monotonic() + 30
+    while (engines := engine_pids(run_folder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     checkpoint = (run_folder / "checkpoints" / "latest").read_text().strip()
     restarted = flows_services("up", services.environment)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr

@@ -224,7 +224,9 @@ def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher
     before, after = metrics["knn_top1_k20_init"], metrics["knn_top1_k20"]
     print(f"loss {first:.3f} -> {last:.3f}; kNN top-1@20 {before:.3f} -> {after:.3f}")
     assert last < first - 0.3
-    # at initialisation the CLS token is the same for every image (LayerScale 1e-5): chance level
-    assert after > before + 0.07
+    # LayerScale 1: random features already beat chance (36% here); the seeded run gains 5.7 points
+    assert after > before + 0.04
+    # the DINO objective stays off its uniform value: the collapse monitor never fired
+    assert metrics["collapse/dino_collapsed_iterations"] == 0
     assert run_info.data.tags["dinov2.recipe"] == "cpu_tiny"
     assert (output / "teacher" / "backbone.safetensors").is_file()
