@@ -11,18 +11,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.launchers import training_arguments
 from flows.services import check_tracking_server
 from flows.stages import DINOV2, artifact_key, publish_results, run_json_command, run_stage
 
 
 def distill_arguments(recipe: str, teacher: str, data: str | None, output: str, overrides: list[str]) -> list[str]:
-    arguments = ["distill", "--recipe", recipe, "--teacher", teacher]
-    if data:
-        arguments += ["--data", data]
-    arguments += ["--output", output]
-    for override in overrides:
-        arguments += ["--set", override]
-    return arguments
+    return training_arguments(["distill", "--recipe", recipe, "--teacher", teacher], data, output, overrides)
 
 
 @task(task_run_name="dry-run-{arguments[2]}", cache_policy=NO_CACHE)

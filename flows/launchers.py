@@ -63,15 +63,20 @@ class LaunchPlan:
     job_name: str = ""
 
 
-def pretrain_arguments(recipe: str, data: str | None, output: str, overrides: list[str]) -> list[str]:
-    """The ``dinov2`` arguments of a pretraining run (the same on every launcher and every rank)."""
-    arguments = ["pretrain", "--recipe", recipe]
+def training_arguments(command: list[str], data: str | None, output: str, overrides: list[str]) -> list[str]:
+    """The ``dinov2`` arguments of a training run (``command``: the subcommand and its own options), the
+    same on every launcher and every rank."""
+    arguments = list(command)
     if data:
         arguments += ["--data", data]
     arguments += ["--output", output]
     for override in overrides:
         arguments += ["--set", override]
     return arguments
+
+
+def pretrain_arguments(recipe: str, data: str | None, output: str, overrides: list[str]) -> list[str]:
+    return training_arguments(["pretrain", "--recipe", recipe], data, output, overrides)
 
 
 def job_name(recipe: str, flow_run_id: str | None) -> str:
