@@ -130,3 +130,19 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
     """Point this test's MLflow client (and the processes it starts) at the real server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+@pytest.fixture
+def cli_error(monkeypatch, capsys):
+    """Runs ``dinov2 ARGS`` in this process, as its console script does; it must exit 2 (bad input).
+    Returns what it printed."""
+    from dinov2.cli import run
+
+    def run_failing(args: list[str]) -> str:
+        monkeypatch.setattr(sys, "argv", ["dinov2", *args])
+        with pytest.raises(SystemExit) as exit_status:
+            run()
+        assert exit_status.value.code == 2
+        return capsys.readouterr().out
+
+    return run_failing

@@ -6,19 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dinov2.cli import run
 from dinov2.configuration import PARAMS_SECTIONS
 
 KNOWN = "known sections: prepare, descriptor, embed, dedup, retrieve, pretrain, distill, evaluate, report"
-
-
-def dinov2(args: list[str], monkeypatch, capsys) -> str:
-    """Run the `dinov2` command in this process, as its console script does; return what it printed."""
-    monkeypatch.setattr(sys, "argv", ["dinov2", *args])
-    with pytest.raises(SystemExit) as exit_status:
-        run()
-    assert exit_status.value.code == 2
-    return capsys.readouterr().out
 
 
 @pytest.fixture
@@ -69,16 +59,16 @@ def test_an_unknown_section_is_named_with_the_known_ones_by_the_real_process(tmp
     ],
     ids=["embed", "dedup", "evaluate", "train-descriptor"],
 )
-def test_every_stage_refuses_a_file_with_unknown_sections(command, workdir, monkeypatch, capsys):
+def test_every_stage_refuses_a_file_with_unknown_sections(command, workdir, cli_error):
     (workdir / "params.yaml").write_text("embed: {}\nretreive: {}\ntrain: {}\n")
-    out = dinov2(command, monkeypatch, capsys)
+    out = cli_error(command)
     assert out == f"error: params.yaml: unknown sections 'retreive', 'train'; {KNOWN}\n"
     assert only_the_params_file_is_left(workdir)
 
 
-def test_an_unknown_key_is_named_with_its_section(workdir, monkeypatch, capsys):
+def test_an_unknown_key_is_named_with_its_section(workdir, cli_error):
     (workdir / "params.yaml").write_text("prepare:\n  default_data:\n    pool_image: 100\n")
-    out = dinov2(["prepare-default", "--out", "prepare"], monkeypatch, capsys)
+    out = cli_error(["prepare-default", "--out", "prepare"])
     assert out == "error: params.yaml [prepare]: unknown key 'default_data.pool_image'\n"
     assert only_the_params_file_is_left(workdir)
 
@@ -103,22 +93,18 @@ def test_an_unknown_key_is_named_with_its_section(workdir, monkeypatch, capsys):
     ],
     ids=["below-minimum", "more-than-fashion-mnist-holds", "threshold-above-one"],
 )
-def test_an_out_of_range_value_is_named_with_its_section(section, message, workdir, monkeypatch, capsys):
+def test_an_out_of_range_value_is_named_with_its_section(section, message, workdir, cli_error):
     (workdir / "params.yaml").write_text(section)
     stage = section.partition(":")[0]
     command = ["prepare-default", "--out", "out"] if stage == "prepare" else ["dedup", "--pool", "emb", "--out", "out"]
-    assert dinov2(command, monkeypatch, capsys) == f"error: {message}\n"
+    assert cli_error(command) == f"error: {message}\n"
     assert only_the_params_file_is_left(workdir)
 
 
-def test_a_params_file_that_was_named_but_is_missing_is_an_error(workdir, monkeypatch, capsys):
+def test_a_params_file_that_was_named_but_is_missing_is_an_error(workdir, cli_error):
     (workdir / "params.yaml").write_text("prepare: {}\n")
-    out = dinov2(["prepare-default", "--out", "out", "--params", "tuned.yaml"], monkeypatch, capsys)
+    out = cli_error(["prepare-default", "--out", "out", "--params", "tuned.yaml"])
     assert out == "error: configuration file not found: tuned.yaml\n"
-    out = dinov2(
-        ["retrieve", "--pool", "e", "--kept", "k.parquet", "--out", "out", "--params", "tuned.yaml"],
-        monkeypatch,
-        capsys,
-    )
+    out = cli_error(["retrieve", "--pool", "e", "--kept", "k.parquet", "--out", "out", "--params", "tuned.yaml"])
     assert out == "error: configuration file not found: tuned.yaml\n"
     assert only_the_params_file_is_left(workdir)

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from dinov2.cli import run
 from dinov2.curation.default_data import (
     BRIGHTNESS_FACTOR,
     CROP_KEPT,
@@ -467,15 +466,6 @@ def test_an_image_folder_build_is_the_same_bytes_in_process_and_from_the_command
     assert images == {name: data for name, data in files_under(again).items() if not name.startswith("manifests/")}
 
 
-def cli_error(args: list[str], monkeypatch, capsys) -> str:
-    """Run the `dinov2` command in this process, as its console script does; it must exit 2. Returns its output."""
-    monkeypatch.setattr(sys, "argv", ["dinov2", *args])
-    with pytest.raises(SystemExit) as exit_status:
-        run()
-    assert exit_status.value.code == 2
-    return capsys.readouterr().out
-
-
 FOLDER = {"train/cat": 6, "train/dog": 6, "test/cat": 3, "test/dog": 3}
 FOLDER_SIZES = dict(
     seed_per_class=2,
@@ -550,7 +540,7 @@ FOLDER_SIZES = dict(
     ],
 )
 def test_a_bad_image_folder_is_a_one_line_error_before_any_output(
-    folder, sizes, message, tmp_path, monkeypatch, capsys
+    folder, sizes, message, tmp_path, monkeypatch, cli_error
 ):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "images"
@@ -562,13 +552,13 @@ def test_a_bad_image_folder_is_a_one_line_error_before_any_output(
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"prepare": {"default_data": {"source": "images", **FOLDER_SIZES, **sizes}}})
     )
-    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"], monkeypatch, capsys)
+    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"])
     assert out == f"error: {message.format(root=root)}\n"
     assert not (tmp_path / "prepare").exists() and not (tmp_path / ".prepare.partial").exists()
 
 
 def test_unreadable_files_that_leave_too_few_images_are_an_error_after_decoding_before_any_output(
-    photo_folder, tmp_path, monkeypatch, capsys
+    photo_folder, tmp_path, monkeypatch, cli_error
 ):
     """The photo folder lists 26 train files beyond seed and eval_train, but one is truncated and one an exact copy."""
     monkeypatch.chdir(tmp_path)
@@ -576,7 +566,7 @@ def test_unreadable_files_that_leave_too_few_images_are_an_error_after_decoding_
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"prepare": {"default_data": {"source": str(photo_folder), **sizes}}})
     )
-    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"], monkeypatch, capsys)
+    out = cli_error(["prepare-default", "--out", "prepare", "--params", "params.yaml"])
     assert out == (
         "error: prepare.default_data: pool_images = 25 exceeds the 24 readable, distinct train images left after "
         "seed_per_class + eval_train_per_class\n"

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from dinov2.cli import run
 from dinov2.curation.descriptors import copy_descriptor
 from dinov2.curation.manifest import build_manifest, write_table_atomically
 from dinov2.curation.params import DescriptorParams, EmbedParams
@@ -175,31 +174,22 @@ def test_an_sscd_torchscript_file_embeds_with_sscd_preprocessing_and_records_the
     np.testing.assert_allclose(stored.astype(np.float32), expected[rows], atol=2e-3)
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> str:
-    """The `dinov2` command in this process, as its console script runs it; what it printed on a failure."""
-    monkeypatch.setattr(sys, "argv", ["dinov2", *args])
-    with pytest.raises(SystemExit) as exit_status:
-        run()
-    assert exit_status.value.code == 2
-    return capsys.readouterr().out
-
-
-def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path, photos, monkeypatch, capsys):
+def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path, photos, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
-    out = run_cli(["train-descriptor", "--manifest", "missing.parquet", "--out", "d"], monkeypatch, capsys)
+    out = cli_error(["train-descriptor", "--manifest", "missing.parquet", "--out", "d"])
     assert out == "error: manifest not found: missing.parquet\n"
 
     (tmp_path / "images").mkdir()
     for index, photo in enumerate(photos):
         photo.save(tmp_path / "images" / f"{index}.png")
     write_table_atomically(build_manifest(tmp_path / "images", "web", "pool").table, tmp_path / "m.parquet")
-    out = run_cli(["train-descriptor", "--manifest", "m.parquet", "--out", "d"], monkeypatch, capsys)
+    out = cli_error(["train-descriptor", "--manifest", "m.parquet", "--out", "d"])
     assert out == (
         "error: m.parquet holds 4 images: too few to hold out descriptor.calibration.images = 500 for "
         "calibration and train on the rest (at least 2)\n"
     )
     (tmp_path / "params.yaml").write_text("descriptor:\n  widht: 8\n")
-    out = run_cli(["train-descriptor", "--manifest", "m.parquet", "--out", "d"], monkeypatch, capsys)
+    out = cli_error(["train-descriptor", "--manifest", "m.parquet", "--out", "d"])
     assert out == "error: params.yaml [descriptor]: unknown key 'widht'\n"
 
     for model, message in [
@@ -209,11 +199,11 @@ def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path,
         ("sscdd", "error: unknown model 'sscdd'"),
     ]:  # fmt: skip
         (tmp_path / "params.yaml").write_text(f"embed:\n  model: '{model}'\n  num_workers: 0\n")
-        out = run_cli(["embed", "--manifest", "m.parquet", "--out", "e"], monkeypatch, capsys)
+        out = cli_error(["embed", "--manifest", "m.parquet", "--out", "e"])
         assert out.startswith(message) and out.count("\n") == 1
     (tmp_path / "not_torchscript.pt").write_bytes(b"not a model")
     (tmp_path / "params.yaml").write_text("embed:\n  model: 'sscd:not_torchscript.pt'\n  num_workers: 0\n")
-    out = run_cli(["embed", "--manifest", "m.parquet", "--out", "e"], monkeypatch, capsys)
+    out = cli_error(["embed", "--manifest", "m.parquet", "--out", "e"])
     assert out.startswith("error: not_torchscript.pt is not a TorchScript model") and out.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "m.parquet", "not_torchscript.pt", "params.yaml"]
 
