@@ -11,6 +11,8 @@ the k of a kNN metric is written ``_k20``, not ``@20``.
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000``), otherwise a SQLite
 store with file artifacts under ``outputs/mlflow/`` (never MLflow's implicit ``./mlruns``).
+``DINOV2_TRACKING=off`` turns tracking off for a process (a machine without MLflow installed, a quick
+benchmark): every tracker then does nothing, and registering a backbone is refused.
 """
 
 import os
@@ -25,12 +27,21 @@ from dinov2.configuration import flatten
 
 LOCAL_TRACKING_DIR = Path("outputs/mlflow")
 PIPELINE_RUN_ENV = "DINOV2_PIPELINE_RUN_ID"  # set by `dinov2 pipeline`: stage runs become its children
+TRACKING_ENV = "DINOV2_TRACKING"  # "off": no MLflow at all in this process
 _MAX_PARAM_LENGTH = 6000
 _PARAMS_PER_CALL = 100
 
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def tracking_enabled() -> bool:
+    """False when ``DINOV2_TRACKING`` is ``off``; any value but ``on`` or ``off`` is refused by name."""
+    value = os.environ.get(TRACKING_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{TRACKING_ENV} must be 'on' or 'off', got {os.environ[TRACKING_ENV]!r}")
+    return value == "on"
 
 
 def tracking_uri() -> str:
@@ -149,12 +160,13 @@ def tracked_run(
     tags: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """An MLflow run in experiment ``dinov2/<stage>`` on rank 0; a do-nothing tracker elsewhere.
+    """An MLflow run in experiment ``dinov2/<stage>`` on rank 0; a do-nothing tracker elsewhere, and
+    everywhere when ``DINOV2_TRACKING=off``.
 
     ``resume_run_id``: continue that run (a resumed training run keeps one MLflow run) when the
     tracking store still has it; otherwise a new run is opened.
     """
-    if not is_rank_zero():
+    if not tracking_enabled() or not is_rank_zero():
         yield Tracker(None)
         return
     import mlflow

@@ -78,3 +78,16 @@ def test_only_rank_zero_talks_to_mlflow(mlflow_uri, monkeypatch):
     with tracked_run("evaluate") as tracker:
         tracker.log_metrics({"x": 1.0})
         assert tracker.run_id is None
+
+
+def test_tracking_off_opens_no_run_and_a_wrong_value_is_named(mlflow_uri, monkeypatch):
+    monkeypatch.setenv("DINOV2_TRACKING", "off")
+    with tracked_run("untracked-stage", config={"batch_size": 64}) as tracker:
+        tracker.log_metrics({"x": 1.0})
+        assert tracker.run_id is None
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_experiment_by_name("dinov2/untracked-stage") is None
+    monkeypatch.setenv("DINOV2_TRACKING", "no")
+    with pytest.raises(ValueError, match="DINOV2_TRACKING must be 'on' or 'off', got 'no'"):
+        with tracked_run("evaluate"):
+            pass

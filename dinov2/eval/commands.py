@@ -30,11 +30,13 @@ def evaluate(
     from dinov2.eval.params import EvaluateParams
     from dinov2.eval.report import mlflow_metrics, write_metrics_json, write_report
     from dinov2.eval.suite import check_inputs, load_evaluated_backbone, run_suite
-    from dinov2.tracking import register_backbone, tracked_run
+    from dinov2.tracking import TRACKING_ENV, register_backbone, tracked_run, tracking_enabled
 
     settings = load_section(params, "evaluate", EvaluateParams)
     if register_as in (None, "none"):
         register_as = None
+    elif not tracking_enabled():
+        raise ValueError(f"--register-as {register_as}: the model registry is MLflow's, and {TRACKING_ENV}=off")
     elif not backbone.endswith(".safetensors"):
         raise ValueError(f"--register-as {register_as}: only a .safetensors backbone can be registered, not {backbone}")
     elif settings.champion_metric.split("_")[0] not in settings.evaluations:
