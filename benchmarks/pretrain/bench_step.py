@@ -31,7 +31,7 @@ from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import update_emas
-from dinov2.train.train import initialize_engine, make_collate, peak_memory_gib, precision_dtype, precision_mode
+from dinov2.train.train import initialize_engine, make_collate, peak_memory_gib, precision_mode
 
 # dense bf16 peaks, TFLOP/s
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -85,13 +85,11 @@ def main() -> None:
     engine, optimizer = initialize_engine(meta, recipe, device, world_size)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(recipe, args.batch_size).items()}
     values = build_schedules(recipe).at(recipe.train.iterations_per_epoch * 20)  # past warmup and freeze
-    dtype = precision_dtype(recipe, device)
     meta.train()
 
     def step() -> None:
         apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, parts = engine(batch, values["teacher_temp"])
+        loss, parts = engine(batch, values["teacher_temp"])  # under the recipe's autocast (deepspeed_config)
         all_reduce_sum(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float()).tolist()
         engine.backward(loss)
         clip_per_module(meta.clip_units(), recipe.optim.clip_grad)

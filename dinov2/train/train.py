@@ -96,7 +96,13 @@ def zero_optimization(section: DeepSpeedSection) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, world_size: int, device_type: str = "cuda") -> dict[str, Any]:
+    """DeepSpeed's configuration for a run on ``world_size`` devices of ``device_type`` (the dry runs
+    describe CUDA runs).
+
+    The step's bf16 autocast is DeepSpeed's ``torch_autocast``: the engine's forward turns off on CUDA an
+    autocast entered around it unless that section is on. ``lower_precision_safe_modules`` is empty, so
+    gradients are reduced in the parameters' own dtype, as without it."""
     config = {
         "train_batch_size": recipe.train.batch_size,
         "train_micro_batch_size_per_gpu": recipe.train.batch_size // world_size,
@@ -109,6 +115,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     }
     if recipe.deepspeed.precision == "deepspeed_bf16":
         config["bf16"] = {"enabled": True}
+    if precision_dtype(recipe, torch.device(device_type)) is not None:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return config
 
 
@@ -121,9 +129,9 @@ def precision_mode(recipe: Recipe, device: torch.device) -> str:
 
 
 def precision_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the step: bf16 in both bf16 modes, None in fp32.
+    """The autocast dtype of the step's forward: bf16 in both bf16 modes, None in fp32.
 
-    Under ``deepspeed_bf16`` autocast still runs the step: it casts the fp32 crops for the bf16 weights
+    Under ``deepspeed_bf16`` autocast still runs the forward: it casts the fp32 crops for the bf16 weights
     and runs the fp32 EMAs (the teacher) in bf16 without a second copy of their weights.
     """
     return None if precision_mode(recipe, device) == "fp32" else torch.bfloat16
@@ -171,7 +179,7 @@ def initialize_engine(
         compile_blocks(objective)
     optimizer = build_adamw(objective.optimizer_groups(), recipe, device)
     objective.to(device)
-    config = deepspeed_config(recipe, world_size)
+    config = deepspeed_config(recipe, world_size, device.type)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
@@ -421,7 +429,6 @@ def run_training(
 
     total = recipe.total_iterations
     stop = total if max_iterations is None else min(total, start + max_iterations)
-    autocast_dtype = precision_dtype(recipe, device)
     is_writer = rank == 0
     metrics: dict[str, float] = {}
     if is_writer:
@@ -478,10 +485,7 @@ def run_training(
                     skipped = skipped.pin_memory()
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 torch.manual_seed(derived_seed(recipe.train.seed, _ITERATION_RNG_STREAM, iteration, rank))
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    loss, parts = engine(batch, values["teacher_temp"])
+                loss, parts = engine(batch, values["teacher_temp"])  # under the recipe's autocast (deepspeed_config)
                 # The loop's one read-back from the device per step: a single all-reduce of the losses
                 # (logged as means over ranks, so curves do not depend on rank 0's batch) and of the skipped
                 # images, read before the backward pass. A sum over ranks is finite only if every rank's

@@ -21,7 +21,7 @@ from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import update_emas
-from dinov2.train.train import initialize_engine, make_collate, precision_dtype
+from dinov2.train.train import initialize_engine, make_collate
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 # no drop path (its draws differ between CPU and CUDA generators); LayerScale 1 so that images differ
@@ -59,15 +59,13 @@ def run_steps(recipe, meta, engine, optimizer, device, batch: dict, start: int, 
     """The engine's iteration (schedules, forward under the recipe's autocast, backward, per-module clip,
     step, EMA) on the same batch; returns each step's total loss."""
     schedules = build_schedules(recipe)
-    dtype = precision_dtype(recipe, device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     meta.train()
     losses = []
     for iteration in range(start, start + steps):
         values = schedules.at(iteration)
         apply_schedules(optimizer.param_groups, values["lr"], values["last_layer_lr"], values["wd"])
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = engine(batch, values["teacher_temp"])
+        loss, _ = engine(batch, values["teacher_temp"])  # under the recipe's autocast (deepspeed_config)
         losses.append(loss.item())
         engine.backward(loss)
         clip_per_module(meta.clip_units(), recipe.optim.clip_grad)

@@ -10,7 +10,7 @@ from torch import nn
 from dinov2.train.config import load_recipe
 from dinov2.train.teacher import keep_in_fp32, update_emas
 from dinov2.train.train import build_adamw, compile_blocks, deepspeed_config, precision_dtype
-from tests.train.engine_steps import losses_in_child_process, real_batch
+from tests.train.engine_steps import build_engine, losses_in_child_process, real_batch
 
 
 def one_weight(value: float, dtype: torch.dtype) -> nn.Linear:
@@ -40,8 +40,14 @@ def test_precision_modes_set_deepspeed_bf16_and_the_autocast_dtype():
     auto = load_recipe("cpu_tiny")
     assert (precision_dtype(auto, cpu), precision_dtype(auto, cuda)) == (None, torch.bfloat16)
     assert "bf16" not in deepspeed_config(auto, 1)
+    # the autocast is DeepSpeed's own, entered inside the engine's forward; gradients reduced as without it
+    assert deepspeed_config(auto, 1, "cuda")["torch_autocast"] == {
+        "enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []
+    }  # fmt: skip
+    assert "torch_autocast" not in deepspeed_config(auto, 1, "cpu")
     deepspeed_bf16 = load_recipe("cpu_tiny", ["deepspeed.precision=deepspeed_bf16"])
     assert deepspeed_config(deepspeed_bf16, 1)["bf16"] == {"enabled": True}
+    assert deepspeed_config(deepspeed_bf16, 1, "cpu")["torch_autocast"]["enabled"]
     # the autocast still runs: it casts the fp32 crops and runs the fp32 teacher in bf16
     assert precision_dtype(deepspeed_bf16, cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="deepspeed.precision"):
@@ -94,3 +100,18 @@ def test_deepspeed_bf16_steps_stay_close_to_fp32_under_zero2_and_zero3(image_fol
     assert zero2[0] == pytest.approx(fp32[0], rel=1e-3) and zero3[0] == pytest.approx(fp32[0], rel=1e-3)
     assert zero2 == pytest.approx(fp32, rel=0.02) and zero3 == pytest.approx(fp32, rel=0.02)
     assert zero2 != fp32  # the weights really were bf16
+
+
+def test_the_engine_enters_the_recipes_autocast_itself(image_folder):
+    # nothing around the call: on CUDA DeepSpeed's forward turns off an autocast entered outside it
+    batch = real_batch(image_folder(2, 1))
+    seen: dict[str, set[torch.dtype]] = {}
+    for precision in ("fp32", "autocast_bf16", "deepspeed_bf16"):
+        recipe, meta, engine, optimizer, device = build_engine([f"deepspeed.precision={precision}"])
+        dtypes = seen.setdefault(precision, set())
+        linear = meta.student.backbone.blocks[0].mlp.fc1
+        hook = linear.register_forward_hook(lambda module, args, output, dtypes=dtypes: dtypes.add(output.dtype))
+        loss, _ = engine(batch, recipe.teacher.teacher_temp)
+        hook.remove()
+        assert torch.isfinite(loss)
+    assert seen == {"fp32": {torch.float32}, "autocast_bf16": {torch.bfloat16}, "deepspeed_bf16": {torch.bfloat16}}
