@@ -120,7 +120,9 @@ def test_sdpa_runs_the_vit_attention_on_the_flash_kernel():
             torch.cuda.synchronize()
     kernels = [event.name for event in profile.events()]
     assert any("flash" in name.lower() for name in kernels), kernels
-    assert torch.equal(default, flash)
+    # the default may choose another fused kernel than the one forced (cuDNN's on Hopper): same attention
+    print(f"default vs flash: max |difference| {(default - flash).abs().max().item():.3g}")
+    torch.testing.assert_close(default, flash, atol=3e-2, rtol=3e-2)
 
 
 def test_the_xformers_backend_matches_sdpa_or_falls_back_to_it():
