@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of the pretraining engine in one call, for a machine that is lent for a few minutes:
 # the GPU tests, the step benchmark (ViT-L/14 at 32 and ViT-g/14 at 12 images, ZeRO-2 and ZeRO-3, DeepSpeed's
-# bf16 and bf16 autocast, compiled blocks) and, when given, a peer benchmark at the same sizes.
+# bf16 and bf16 autocast, compiled blocks), when given, a peer benchmark at the same sizes and, when given
+# a CIFAR-10 tarball (`cifar10/{train,test}/<class>/*.jpg`), a learning curve of the one-GPU CIFAR recipe
+# (configs/train/cifar_vits16_gpu.yaml) for a few minutes, MLflow tracking off (DINOV2_TRACKING=off).
 #
 #   bash benchmarks/pretrain/gpu_session.sh [--dry] [--peer SCRIPT] [--budget SECONDS]
+#       [--cifar TARBALL] [--cifar-minutes MINUTES] [--cifar-iterations N]
 #
 # Run from the repository root. Results go to $OUT (default: ./gpu_session_out): results.jsonl (one JSON
 # line per part: name, exit code, seconds, and the part's own JSON line when it printed one), env.json and
@@ -21,12 +24,19 @@ set -u
 DRY=0
 PEER=""
 BUDGET=480
+CIFAR=""
+CIFAR_MINUTES=3
+CIFAR_ITERATIONS=600
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry) DRY=1 ;;
         --peer) PEER="$2"; shift ;;
         --budget) BUDGET="$2"; shift ;;
-        *) echo "error: unknown argument $1 (expected --dry, --peer SCRIPT, --budget SECONDS)" >&2; exit 2 ;;
+        --cifar) CIFAR="$2"; shift ;;
+        --cifar-minutes) CIFAR_MINUTES="$2"; shift ;;
+        --cifar-iterations) CIFAR_ITERATIONS="$2"; shift ;;
+        *) echo "error: unknown argument $1 (expected --dry, --peer SCRIPT, --budget SECONDS, --cifar TARBALL," \
+               "--cifar-minutes MINUTES, --cifar-iterations N)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -36,6 +46,10 @@ if [ ! -f benchmarks/pretrain/bench_step.py ]; then
 fi
 if [ -n "$PEER" ] && [ ! -f "$PEER" ]; then
     echo "error: --peer $PEER does not exist" >&2
+    exit 2
+fi
+if [ -n "$CIFAR" ] && [ ! -f "$CIFAR" ]; then
+    echo "error: --cifar $CIFAR does not exist" >&2
     exit 2
 fi
 
@@ -124,20 +138,46 @@ peer() {  # peer NAME LIMIT ARCH BATCH [--compile]
     fi
 }
 
+cifar_curve() {  # the one-GPU CIFAR recipe's learning curve, training stopped after CIFAR_MINUTES
+    [ -n "$CIFAR" ] || return 0
+    local data="${TMPDIR:-/tmp}/dinov2_cifar"
+    rm -rf "$data" "$OUT/cifar_curve"
+    mkdir -p "$data"
+    tar -xzf "$CIFAR" -C "$data" || { echo "cifar: could not unpack $CIFAR" >&2; return 0; }
+    local recipe=configs/train/cifar_vits16_gpu.yaml minutes="$CIFAR_MINUTES" iterations="$CIFAR_ITERATIONS"
+    local every=100 extra=()
+    if [ "$DRY" = 1 ]; then
+        recipe=cpu_tiny minutes=1 iterations=4 every=2
+        extra=(--knn-train 200 --knn-test 100 --set train.num_workers=1)
+    fi
+    run_part cifar_curve $(awk "BEGIN {print int($minutes * 60 + 120)}") \
+        env DINOV2_TRACKING=off "$PYTHON" benchmarks/pretrain/learning_curve.py --recipe "$recipe" --data "$data/cifar10/train" \
+        --knn-data "$data/cifar10" --output "$OUT/cifar_curve" --iterations "$iterations" --minutes "$minutes" \
+        --every "$every" "${extra[@]}"
+    # the per-iteration losses and collapse statistics beside the curve (the run folder stays here)
+    cp "$OUT/cifar_curve/run/plots/train.csv" "$OUT/cifar_curve/train.csv" 2> /dev/null
+    cp "$OUT/cifar_curve/pretrain.log" "$OUT/logs/cifar_pretrain.log" 2> /dev/null
+    mv "$OUT/cifar_curve/run" "$data/run" 2> /dev/null
+    mv "$OUT/cifar_curve/fashion_mnist" "$data/" 2> /dev/null
+}
+
 BF16="deepspeed.precision=deepspeed_bf16"
 AUTOCAST="deepspeed.precision=autocast_bf16"
-bench vitl14_b32_zero2_deepspeed_bf16 150 vitl14 32 --set "$BF16" --set deepspeed.zero_stage=2
-peer peer_vitl14_b32 120 vitl14 32
+# in order of importance: that the engine is right on a GPU, its speed beside the peer's at ViT-L, the
+# small-scale recipe's learning on a GPU, then ViT-g and the variants
+run_part gpu_tests 200 "$PYTHON" -m pytest tests/train/test_gpu.py -m gpu -q -rs -p no:cacheprovider \
+    --basetemp "${TMPDIR:-/tmp}/dinov2_gpu_tests" --junitxml "$OUT/gpu_tests.xml"
+bench vitl14_b32_zero2_deepspeed_bf16 120 vitl14 32 --set "$BF16" --set deepspeed.zero_stage=2
+peer peer_vitl14_b32 90 vitl14 32
+cifar_curve
 bench vitg14_b12_zero2_deepspeed_bf16 150 vitg14 12 --set "$BF16" --set deepspeed.zero_stage=2
 peer peer_vitg14_b12 120 vitg14 12
-run_part gpu_tests 240 "$PYTHON" -m pytest tests/train/test_gpu.py -m gpu -q -rs -p no:cacheprovider \
-    --basetemp "${TMPDIR:-/tmp}/dinov2_gpu_tests" --junitxml "$OUT/gpu_tests.xml"
 bench vitl14_b32_zero3_deepspeed_bf16 150 vitl14 32 --set "$BF16" --set deepspeed.zero_stage=3
-bench vitg14_b12_zero3_deepspeed_bf16 150 vitg14 12 --set "$BF16" --set deepspeed.zero_stage=3
 bench vitl14_b32_zero2_autocast_bf16 150 vitl14 32 --set "$AUTOCAST" --set deepspeed.zero_stage=2
 bench vitl14_b32_zero2_deepspeed_bf16_compiled 240 vitl14 32 --set "$BF16" --set deepspeed.zero_stage=2 \
     --set train.compile=true
 peer peer_vitl14_b32_compiled 180 vitl14 32 --compile
+bench vitg14_b12_zero3_deepspeed_bf16 150 vitg14 12 --set "$BF16" --set deepspeed.zero_stage=3
 bench vitg14_b12_zero2_deepspeed_bf16_compiled 240 vitg14 12 --set "$BF16" --set deepspeed.zero_stage=2 \
     --set train.compile=true
 

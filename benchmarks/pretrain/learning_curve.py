@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     title = f"{recipe.name} {' '.join(arguments.overrides)}"
     plot(rows, pixels, title, output / "curve.png")
     write_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary))  # one line: the last line a caller parses
     return summary
 
 
