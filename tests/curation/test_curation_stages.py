@@ -57,38 +57,44 @@ def test_embed_writes_unit_fp16_shards_and_resumes_finished_ones(tmp_path, photo
     np.testing.assert_allclose(load_embeddings(tmp_path / "emb").vectors, loaded.vectors, atol=1e-3)
 
 
-def test_bad_inputs_fail_with_a_clear_message_and_leave_no_output(tmp_path, photos):
+def test_bad_inputs_fail_with_a_clear_message_and_leave_no_output(tmp_path, photos, cli_error, monkeypatch):
+    # the commands run in this process, as their console script does (a subprocess each took seconds)
+    from dinov2.cli import run
+
+    def succeeds(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["dinov2", *args])
+        with pytest.raises(SystemExit) as exit_status:
+            run()
+        assert exit_status.value.code in (0, None)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DINOV2_TRACKING", "off")  # the set-up steps' MLflow runs are not what is tested here
     (tmp_path / "empty").mkdir()
-    result = dinov2("prepare", "--images", "empty", "--source", "web", "--split", "pool", "--out", "m", cwd=tmp_path)
-    assert result.returncode == 2 and "no image files" in result.stdout and not (tmp_path / "m").exists()
+    output = cli_error(["prepare", "--images", "empty", "--source", "web", "--split", "pool", "--out", "m"])
+    assert "no image files" in output and not (tmp_path / "m").exists()
 
     (tmp_path / "imgs").mkdir()
     for index in range(3):
         photos[index].save(tmp_path / "imgs" / f"{index}.png")
-    assert (
-        dinov2(
-            "prepare", "--images", "imgs", "--source", "web", "--split", "pool", "--out", "m", cwd=tmp_path
-        ).returncode
-        == 0
-    )
+    succeeds("prepare", "--images", "imgs", "--source", "web", "--split", "pool", "--out", "m")
     (tmp_path / "imgs" / "1.png").unlink()
-    result = dinov2("embed", "--manifest", "m/manifest.parquet", "--out", "e", cwd=tmp_path)
-    assert result.returncode == 2 and "1 image file(s) listed but missing" in result.stdout and "1.png" in result.stdout
+    output = cli_error(["embed", "--manifest", "m/manifest.parquet", "--out", "e"])
+    assert "1 image file(s) listed but missing" in output and "1.png" in output
     assert not (tmp_path / "e").exists()
 
     photos[1].save(tmp_path / "imgs" / "1.png")
-    assert dinov2("embed", "--manifest", "m/manifest.parquet", "--out", "e", cwd=tmp_path).returncode == 0
+    succeeds("embed", "--manifest", "m/manifest.parquet", "--out", "e")
     other = tmp_path / "other"
     write_table_atomically(pq.read_table(tmp_path / "m" / "manifest.parquet"), tmp_path / "other.parquet")
     embedder = build_embedder("dinov2_vits14", crop_size=14, device="cpu")
     embed_manifest(tmp_path / "other.parquet", other, embedder, batch_size=4)
-    result = dinov2("dedup", "--pool", "e", "--eval", "other", "--out", "d", cwd=tmp_path)
-    assert result.returncode == 2 and "384-d embeddings" in result.stdout and "expected 608-d" in result.stdout
+    output = cli_error(["dedup", "--pool", "e", "--eval", "other", "--out", "d"])
+    assert "384-d embeddings" in output and "expected 608-d" in output
     assert not (tmp_path / "d").exists()
 
     (tmp_path / "params.yaml").write_text("dedup:\n  self_threshold: 1.2\n")
-    result = dinov2("dedup", "--pool", "e", "--out", "d", cwd=tmp_path)
-    assert result.returncode == 2 and "self_threshold" in result.stdout and "[0, 1], got 1.2" in result.stdout
+    output = cli_error(["dedup", "--pool", "e", "--out", "d"])
+    assert "self_threshold" in output and "[0, 1], got 1.2" in output
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".*partial"))
 
 
