@@ -9,6 +9,7 @@ CURATION_STAGES = ("prepare", "descriptor", "embed", "embed_retrieval", "dedup",
 
 
 @flow(name="curate")
-def curate(stages: list[str] | None = None, retries: int = 1) -> dict[str, dict]:
-    """``dvc repro`` of the curation stages in order (or of the listed ``stages``)."""
-    return repro(list(stages or CURATION_STAGES), retries)
+def curate(stages: list[str] | None = None, retries: int = 1, repository: str | None = None) -> dict[str, dict]:
+    """``dvc repro`` of the curation stages in order (or of the listed ``stages``) in ``repository``
+    (default: the working directory)."""
+    return repro(list(stages or CURATION_STAGES), retries, repository)

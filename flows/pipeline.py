@@ -1,9 +1,10 @@
 """The ``pipeline`` flow: the DVC pipeline (dvc.yaml) stage by stage, one Prefect task per stage.
 
-Each task is ``dvc repro <stage>`` in the flow run's working directory (the repository, set by the
-deployments' pull step): DVC decides what is out of date and runs the stage's ``dinov2`` command;
-Prefect adds the logs, retries, the flow-run tag on the MLflow runs and one results artifact per stage
-(the DVC metrics files under ``outputs/<stage>/`` and the stage's MLflow runs).
+Each task is ``dvc repro <stage>`` in the repository: the flow run's working directory (the checkout the
+deployments' pull step sets), or the folder the ``repository`` parameter names (another checkout of the
+project, with its own params.yaml, on the worker's machine). DVC decides what is out of date and runs the
+stage's ``dinov2`` command; Prefect adds the logs, retries, the flow-run tag on the MLflow runs and one
+results artifact per stage (the DVC metrics files under ``outputs/<stage>/`` and the stage's MLflow runs).
 """
 
 from pathlib import Path
@@ -36,9 +37,10 @@ def metrics_files(pipeline: dict, stage: str) -> list[str]:
     return [path for path in dict.fromkeys(paths) if path.startswith(f"outputs/{stage}/") and "${" not in path]
 
 
-def repro(stages: list[str], retries: int) -> dict[str, dict]:
-    """``dvc repro`` each stage in turn; returns each stage's metrics by file."""
-    repository = Path.cwd()
+def repro(stages: list[str], retries: int, repository: str | None = None) -> dict[str, dict]:
+    """``dvc repro`` each stage in turn in ``repository`` (default: the working directory); returns each
+    stage's metrics by file."""
+    repository = Path(repository).resolve() if repository else Path.cwd()
     pipeline = read_pipeline(repository)
     defined = list(pipeline.get("stages", {}))
     unknown = [stage for stage in stages if stage not in defined]
@@ -49,15 +51,15 @@ def repro(stages: list[str], retries: int) -> dict[str, dict]:
     check_tracking_server()
     results = {}
     for stage in stages:
-        run_stage.with_options(retries=retries)(stage, [*DVC, "repro", stage])
+        run_stage.with_options(retries=retries)(stage, [*DVC, "repro", stage], cwd=str(repository))
         files = [str(repository / path) for path in metrics_files(pipeline, stage)]
         results[stage] = publish_results(stage, f"dinov2/{stage}", files, notes=f"`dvc repro {stage}`")
     return results
 
 
 @flow(name="pipeline")
-def pipeline(stages: list[str] | None = None, retries: int = 1) -> dict[str, dict]:
+def pipeline(stages: list[str] | None = None, retries: int = 1, repository: str | None = None) -> dict[str, dict]:
     """The whole pipeline (prepare, embed, dedup, retrieve, pretrain, distill, evaluate, report) or the
-    listed ``stages`` of it, in that order, through DVC."""
-    defined = read_pipeline(Path.cwd()).get("stages", {})
-    return repro(list(stages or [stage for stage in PIPELINE_STAGES if stage in defined]), retries)
+    listed ``stages`` of it, in that order, through DVC, in ``repository`` (default: the working directory)."""
+    defined = read_pipeline(Path(repository).resolve() if repository else Path.cwd()).get("stages", {})
+    return repro(list(stages or [stage for stage in PIPELINE_STAGES if stage in defined]), retries, repository)

@@ -40,6 +40,18 @@ class LocalServices:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
+    def log_messages(self, flow_run_id: str) -> list[str]:
+        """Every log line of a flow run, oldest first (the API answers 200 at a time)."""
+        messages: list[str] = []
+        while True:
+            page = self.api(
+                "/logs/filter",
+                {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(messages)},
+            )
+            if not page:
+                return messages
+            messages += [entry["message"] for entry in page]
+
     def recorded_pids(self) -> list[int]:
         return [json.loads(path.read_text())["pid"] for path in sorted((self.state_dir / "pids").glob("*.json"))]
 

@@ -131,19 +131,6 @@ def recovered_cpu_run(services, deployment_runs, flow_runs, flows_services) -> R
     )
 
 
-def log_messages(services, flow_run_id: str) -> list[str]:
-    """Every log line of a flow run, oldest first (the API answers 200 at a time)."""
-    messages: list[str] = []
-    while True:
-        page = services.api(
-            "/logs/filter",
-            {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(messages)},
-        )
-        if not page:
-            return messages
-        messages += [entry["message"] for entry in page]
-
-
 def artifacts_of(services, flow_run_id: str) -> dict[str, str]:
     found = services.api("/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     return {artifact["key"]: artifact["data"] for artifact in found}
@@ -191,7 +178,7 @@ def test_cpu_pretraining_killed_after_a_checkpoint_resumes_completes_and_is_tagg
 
     run = recovered_cpu_run
     flow_run_id, run_folder = run.flow_run_id, run.output
-    messages = log_messages(services, flow_run_id)
+    messages = services.log_messages(flow_run_id)
     assert run.final_state["type"] == "COMPLETED", "\n".join(messages[-60:])
     # the engine and any process it forked, which shares its command line
     assert run.killed["engine"], "the engine was not running after its first checkpoint"
@@ -236,7 +223,7 @@ def test_a_killed_worker_crashes_its_flow_run_and_the_retried_run_resumes_from_t
     assert run.retry.returncode == 0, run.retry.stdout + run.retry.stderr
     assert "has been scheduled for retry" in run.retry.stdout
     flow_run = services.api(f"/flow_runs/{flow_run_id}")
-    messages = log_messages(services, flow_run_id)
+    messages = services.log_messages(flow_run_id)
     assert run.final_state["type"] == "COMPLETED", "\n".join(messages[-60:])
     assert (flow_run["state"]["type"], flow_run["run_count"]) == ("COMPLETED", 2)
     checkpoint = run_folder / "checkpoints" / "iter_0000008"

@@ -72,3 +72,11 @@ def test_an_unknown_stage_fails_before_dvc_runs_naming_it(dvc_repository):
     assert state.is_failed()
     assert "stage(s) dedupe not in" in state.message and "(it has prepare, embed)" in state.message
     assert not (dvc_repository / "runs.txt").exists()
+
+
+def test_a_repository_without_a_pipeline_fails_naming_its_dvc_yaml(dvc_repository, tmp_path):
+    elsewhere = tmp_path / "not-a-checkout"
+    elsewhere.mkdir()
+    state = pipeline(retries=0, repository=str(elsewhere), return_state=True)
+    assert state.is_failed()
+    assert f"{elsewhere / 'dvc.yaml'} not found" in state.message

@@ -1,6 +1,6 @@
-"""The DVC pipeline for real: `dinov2 pipeline` / `dvc repro` in a temporary git repository holding the
-project's dvc.yaml and a reduced params.yaml, on the embedded default data (Fashion-MNIST + planted
-copies + distractors), every stage the real command."""
+"""The DVC pipeline for real: `dinov2 pipeline`, `dvc repro` and the `pipeline/default` deployment (through
+the local worker) in a temporary git repository holding the project's dvc.yaml and a reduced params.yaml,
+on the embedded default data (Fashion-MNIST + planted copies + distractors), every stage the real command."""
 
 import copy
 import json
@@ -16,7 +16,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 STAGES = {
     "prepare", "descriptor", "embed@pool", "embed@eval_test", "embed@eval_train", "embed_retrieval@pool",
     "embed_retrieval@seed", "dedup", "retrieve", "pretrain", "distill", "evaluate@raw_pixels", "evaluate@teacher_init",
@@ -91,7 +91,9 @@ def environment(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.timeout(1800)
-def test_the_pipeline_runs_every_stage_once_reruns_what_changed_and_records_experiments(repository):
+def test_the_pipeline_runs_every_stage_once_reruns_what_changed_and_records_experiments(
+    repository, services, deployment_runs
+):
     env = environment(repository)
     dvc = str(Path(sys.executable).with_name("dvc"))
 
@@ -121,19 +123,33 @@ def test_the_pipeline_runs_every_stage_once_reruns_what_changed_and_records_expe
     assert stages_run(again.stdout) == set()
     assert "Data and pipelines are up to date" in again.stdout
 
-    # one distillation knob: the distillation, the evaluations of its student and the report, nothing else
+    # one distillation knob, then the pipeline/default deployment through the worker: DVC reruns the
+    # distillation, the evaluations of its student and the report, nothing else
     params = yaml.safe_load((repository / "params.yaml").read_text())
     params["distill"]["optim"]["base_lr"] = 0.01
     (repository / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run([dvc, "repro"], repository, env)
+    returncode, flow_run_id, output = deployment_runs.finish(
+        deployment_runs.start("pipeline/default", f"repository={json.dumps(str(repository))}")
+    )
+    assert returncode == 0, output
     # the student at initialisation does not depend on the lr: DVC skips its evaluation when the
     # re-exported file is byte-identical, which it is with the same seed
-    ran = stages_run(changed.stdout)
+    ran = stages_run("\n".join(services.log_messages(flow_run_id)))
     assert (
         {"distill", "evaluate@student", "report"}
         <= ran
         <= {"distill", "evaluate@student_init", "evaluate@student", "report"}
     )
+    # the worker's stages log to the services' MLflow server, tagged with the flow run and the DVC stage
+    server = mlflow.MlflowClient(tracking_uri=services.mlflow_url)
+    distilled = server.search_runs(
+        [server.get_experiment_by_name("dinov2/distill").experiment_id],
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    assert distilled and {(r.info.status, r.data.tags["dvc.stage"]) for r in distilled} == {("FINISHED", "distill")}
+    assert any("train/total_loss" in r.data.metrics for r in distilled)
+    artifacts = services.api("/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert {"distill-results", "report-results"} <= {artifact["key"] for artifact in artifacts}
 
     run(["git", "add", "-A"], repository, env)
     run(["git", "commit", "-qm", "distill lr"], repository, env)
