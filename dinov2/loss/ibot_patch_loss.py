@@ -67,7 +67,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the reference's public name)
         """EMA of the teacher's mean output over every masked patch of the global batch."""
         flat = teacher_patch_tokens.float().reshape(-1, teacher_patch_tokens.shape[-1])
         totals = all_reduce_sum(torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])]))
-        if totals[-1] == 0:
-            return
         batch_mean = (totals[:-1] / totals[-1]).view(1, 1, -1)
-        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
+        updated = torch.add(self.center * self.center_momentum, batch_mean, alpha=1 - self.center_momentum)
+        # no masked patch anywhere: the centre stays; chosen on the device, without the host waiting for it
+        self.center.copy_(torch.where(totals[-1] > 0, updated, self.center))

@@ -82,6 +82,8 @@ def test_ibot_center_is_the_mean_over_masked_patches():
     loss = iBOTPatchLoss(patch_out_dim=2, center_momentum=0.5)
     loss.update_center(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
     torch.testing.assert_close(loss.center, torch.tensor([[[1.0, 2.0]]]))
+    loss.update_center(torch.zeros(0, 2))  # no masked patch in the batch: the centre stays as it was
+    torch.testing.assert_close(loss.center, torch.tensor([[[1.0, 2.0]]]))
 
 
 def test_koleo_on_three_points_of_a_circle():
