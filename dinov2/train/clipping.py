@@ -54,9 +54,12 @@ def is_partitioned(modules: list[nn.Module]) -> bool:
 
 
 @torch.no_grad()
-def clip_per_module(modules: list[nn.Module], max_norm: float) -> list[float]:
+def clip_per_module(modules: list[nn.Module], max_norm: float) -> torch.Tensor:
     """Scale each module's gradients so that their L2 norm is at most ``max_norm``; returns the norms
-    before clipping. Every rank must call it (under ZeRO >= 1 it is collective)."""
+    before clipping, one per module, on the device. Every rank must call it (under ZeRO >= 1 it is
+    collective). Nothing here makes the host wait for the device: the norms come from fused multi-tensor
+    kernels and every gradient is multiplied by its module's factor, which is exactly 1 when the norm is
+    within bounds."""
     partitioned = is_partitioned(modules)
     pieces: list[list[tuple[nn.Parameter, torch.Tensor]]] = []
     for module in modules:
@@ -68,26 +71,27 @@ def clip_per_module(modules: list[nn.Module], max_norm: float) -> list[float]:
         else:
             pieces.append([(p, p.grad) for p in trained if p.grad is not None])
     device = next(p.device for m in modules for p in m.parameters())
-    squares = torch.stack([
-        sum((g.float().square().sum() for _, g in module_pieces), torch.zeros((), device=device))
-        for module_pieces in pieces
-    ])  # fmt: skip
+    squares = torch.stack([_sum_of_squares([g for _, g in module_pieces], device) for module_pieces in pieces])
     if partitioned:
         all_reduce_sum(squares)
     norms = squares.sqrt()
     scales = (max_norm / (norms + _EPSILON)).clamp(max=1.0)
-    for module_pieces, scale in zip(pieces, scales.tolist(), strict=True):
-        if scale < 1.0:
-            for parameter, gradient in module_pieces:
-                _scale_gradient(parameter, gradient, scale)
-    return norms.tolist()
+    for module_pieces, scale in zip(pieces, scales, strict=True):
+        zero3 = [(p, g) for p, g in module_pieces if hasattr(p, "ds_id")]
+        for parameter, gradient in zero3:
+            # the local-gradient API may hand out a converted copy: write the scaled values back through it
+            from deepspeed.utils import safe_set_local_grad
+
+            safe_set_local_grad(parameter, gradient * scale)
+        plain = [g for p, g in module_pieces if not hasattr(p, "ds_id")]
+        if plain:
+            # the fp32 factor, as a Python float factor would be applied to bf16 gradients
+            torch._foreach_mul_(plain, scale)
+    return norms
 
 
-def _scale_gradient(parameter: nn.Parameter, gradient: torch.Tensor, scale: float) -> None:
-    if hasattr(parameter, "ds_id"):
-        # the local-gradient API may hand out a converted copy: write the scaled values back through it
-        from deepspeed.utils import safe_set_local_grad
-
-        safe_set_local_grad(parameter, gradient * scale)
-    else:
-        gradient.mul_(scale)
+def _sum_of_squares(gradients: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The squared L2 norm of all ``gradients`` together, accumulated in fp32."""
+    if not gradients:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm(gradients, 2, dtype=torch.float32)).square().sum()
