@@ -79,16 +79,34 @@ def engine_losses(overrides: list[str], batch: dict, steps: int = STEPS) -> list
     return run_steps(recipe, meta, engine, optimizer, device, batch, FIRST_ITERATION, steps)
 
 
+def forward_dtypes(overrides: list[str], batch: dict) -> list[str]:
+    """The dtypes a student Linear's outputs take in one forward through the engine, nothing around it."""
+    recipe, meta, engine, _, _ = build_engine(overrides)
+    seen: set[str] = set()
+    hook = meta.student.backbone.blocks[0].mlp.fc1.register_forward_hook(
+        lambda module, args, output: seen.add(str(output.dtype))
+    )
+    loss, _ = engine(batch, recipe.teacher.teacher_temp)
+    hook.remove()
+    assert torch.isfinite(loss)
+    return sorted(seen)
+
+
 def losses_in_child_process(runs: list[list[str]], batch: dict, folder: Path, env: dict[str, str]) -> list[list[float]]:
     """``engine_losses`` of each list of overrides, in a fresh process (its own process group of one,
     DeepSpeed's global state not shared with the caller), on ``batch``."""
+    return in_child_process("engine_losses", runs, batch, folder, env)
+
+
+def in_child_process(function: str, runs: list[list[str]], batch: dict, folder: Path, env: dict[str, str]) -> list:
+    """``function`` of this module (overrides, batch) for each list of overrides, in a fresh process."""
     saved = folder / "batch.pt"
     torch.save(batch, saved)
     script = (
         "import json, sys, torch\n"
-        "from tests.train.engine_steps import engine_losses\n"
+        f"from tests.train.engine_steps import {function} as function\n"
         "batch = torch.load(sys.argv[1], weights_only=True)\n"
-        "print(json.dumps([engine_losses(overrides, batch) for overrides in json.loads(sys.argv[2])]))\n"
+        "print(json.dumps([function(overrides, batch) for overrides in json.loads(sys.argv[2])]))\n"
     )
     group = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in env.items() if k not in group}

@@ -10,7 +10,7 @@ from torch import nn
 from dinov2.train.config import load_recipe
 from dinov2.train.teacher import keep_in_fp32, update_emas
 from dinov2.train.train import build_adamw, compile_blocks, deepspeed_config, precision_dtype
-from tests.train.engine_steps import build_engine, losses_in_child_process, real_batch
+from tests.train.engine_steps import in_child_process, losses_in_child_process, real_batch
 
 
 def one_weight(value: float, dtype: torch.dtype) -> nn.Linear:
@@ -102,16 +102,12 @@ def test_deepspeed_bf16_steps_stay_close_to_fp32_under_zero2_and_zero3(image_fol
     assert zero2 != fp32  # the weights really were bf16
 
 
-def test_the_engine_enters_the_recipes_autocast_itself(image_folder):
-    # nothing around the call: on CUDA DeepSpeed's forward turns off an autocast entered outside it
-    batch = real_batch(image_folder(2, 1))
-    seen: dict[str, set[torch.dtype]] = {}
-    for precision in ("fp32", "autocast_bf16", "deepspeed_bf16"):
-        recipe, meta, engine, optimizer, device = build_engine([f"deepspeed.precision={precision}"])
-        dtypes = seen.setdefault(precision, set())
-        linear = meta.student.backbone.blocks[0].mlp.fc1
-        hook = linear.register_forward_hook(lambda module, args, output, dtypes=dtypes: dtypes.add(output.dtype))
-        loss, _ = engine(batch, recipe.teacher.teacher_temp)
-        hook.remove()
-        assert torch.isfinite(loss)
-    assert seen == {"fp32": {torch.float32}, "autocast_bf16": {torch.bfloat16}, "deepspeed_bf16": {torch.bfloat16}}
+def test_the_engine_enters_the_recipes_autocast_itself(image_folder, tmp_path):
+    # nothing around the call: on CUDA DeepSpeed's forward turns off an autocast entered outside it. In a
+    # child process, as every engine of these tests: a process group would outlive the test in this one
+    precisions = ["fp32", "autocast_bf16", "deepspeed_bf16"]
+    runs = [[f"deepspeed.precision={precision}"] for precision in precisions]
+    seen = in_child_process("forward_dtypes", runs, real_batch(image_folder(2, 1)), tmp_path, dict(os.environ))
+    assert dict(zip(precisions, seen, strict=True)) == {
+        "fp32": ["torch.float32"], "autocast_bf16": ["torch.bfloat16"], "deepspeed_bf16": ["torch.bfloat16"]
+    }  # fmt: skip
