@@ -6,7 +6,9 @@
 # (configs/train/cifar_vits16_gpu.yaml) for a few minutes, MLflow tracking off (DINOV2_TRACKING=off).
 #
 #   bash benchmarks/pretrain/gpu_session.sh [--dry] [--peer SCRIPT] [--budget SECONDS]
-#       [--cifar TARBALL] [--cifar-minutes MINUTES] [--cifar-iterations N]
+#       [--cifar TARBALL] [--cifar-minutes MINUTES] [--cifar-iterations N] [--cifar-only]
+#
+# --cifar-only runs the CIFAR-10 learning curve alone (the recipe's whole 8 minutes need a call of its own).
 #
 # Run from the repository root. Results go to $OUT (default: ./gpu_session_out): results.jsonl (one JSON
 # line per part: name, exit code, seconds, and the part's own JSON line when it printed one), env.json and
@@ -27,6 +29,7 @@ BUDGET=480
 CIFAR=""
 CIFAR_MINUTES=3
 CIFAR_ITERATIONS=600
+CIFAR_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry) DRY=1 ;;
@@ -35,8 +38,9 @@ while [ $# -gt 0 ]; do
         --cifar) CIFAR="$2"; shift ;;
         --cifar-minutes) CIFAR_MINUTES="$2"; shift ;;
         --cifar-iterations) CIFAR_ITERATIONS="$2"; shift ;;
+        --cifar-only) CIFAR_ONLY=1 ;;
         *) echo "error: unknown argument $1 (expected --dry, --peer SCRIPT, --budget SECONDS, --cifar TARBALL," \
-               "--cifar-minutes MINUTES, --cifar-iterations N)" >&2; exit 2 ;;
+               "--cifar-minutes MINUTES, --cifar-iterations N, --cifar-only)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -50,6 +54,10 @@ if [ -n "$PEER" ] && [ ! -f "$PEER" ]; then
 fi
 if [ -n "$CIFAR" ] && [ ! -f "$CIFAR" ]; then
     echo "error: --cifar $CIFAR does not exist" >&2
+    exit 2
+fi
+if [ "$CIFAR_ONLY" = 1 ] && [ -z "$CIFAR" ]; then
+    echo "error: --cifar-only needs --cifar TARBALL" >&2
     exit 2
 fi
 
@@ -163,6 +171,11 @@ cifar_curve() {  # the one-GPU CIFAR recipe's learning curve, training stopped a
 
 BF16="deepspeed.precision=deepspeed_bf16"
 AUTOCAST="deepspeed.precision=autocast_bf16"
+if [ "$CIFAR_ONLY" = 1 ]; then
+    cifar_curve
+    echo "results: $RESULTS ($(($(date +%s) - START)) s)"
+    exit 0
+fi
 # in order of importance: that the engine is right on a GPU, its speed beside the peer's at ViT-L, the
 # small-scale recipe's learning on a GPU, then ViT-g and the variants
 run_part gpu_tests 200 "$PYTHON" -m pytest tests/train/test_gpu.py -m gpu -q -rs -p no:cacheprovider \
