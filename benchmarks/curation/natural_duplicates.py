@@ -31,6 +31,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dinov2.curation.default_data import Edit  # noqa: E402
+from dinov2.curation.embeddings import load_embeddings  # noqa: E402
+
 RECALLS = (0.8, 0.9, 0.95)
 ROTATIONS = (-8, -4, 0, 4, 8)
 KEPT = (0.8, 0.875, 0.95, 1.0)
@@ -47,22 +52,20 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def edited_views(image: Image.Image, side: int) -> np.ndarray:
-    """The image under every edit of the grid, flattened: (views, side * side)."""
+    """The image under every combination of the grid's edits (``prepare``'s own ``Edit``), flattened:
+    (views, side * side)."""
     views = []
     for mirrored in (False, True):
-        base = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else image
+        base = Edit("flip").apply(image) if mirrored else image
         for degrees in ROTATIONS:
-            turned = base.rotate(degrees, resample=Image.BILINEAR, fillcolor=0) if degrees else base
+            turned = Edit("rotate", degrees).apply(base) if degrees else base
             for kept in KEPT:
-                if kept == 1.0:
-                    views.append(np.asarray(turned, dtype=np.float32).ravel())
-                    continue
                 inner = round(side * kept)
                 offsets = sorted({0, (side - inner) // 2, side - inner})
                 for left in offsets:
                     for top in offsets:
-                        cropped = turned.crop((left, top, left + inner, top + inner))
-                        views.append(np.asarray(cropped.resize((side, side), Image.BICUBIC), dtype=np.float32).ravel())
+                        edited = Edit("crop", kept, (left, top)).apply(turned) if kept < 1.0 else turned
+                        views.append(np.asarray(edited, dtype=np.float32).ravel())
     return np.stack(views)
 
 
@@ -92,9 +95,6 @@ def precision_at_recalls(scores: np.ndarray, planted: np.ndarray, positives: int
 
 def main(argv: list[str] | None = None) -> dict:
     arguments = parse_arguments(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from dinov2.curation.embeddings import load_embeddings
-
     outputs = arguments.outputs
     for needed in (outputs / "embed" / "pool" / "embeddings.json", outputs / "prepare" / "ground_truth.parquet"):
         if not needed.is_file():
