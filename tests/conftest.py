@@ -133,16 +133,22 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
 
 
 @pytest.fixture
-def cli_error(monkeypatch, capsys):
-    """Runs ``dinov2 ARGS`` in this process, as its console script does; it must exit 2 (bad input).
-    Returns what it printed."""
+def cli(monkeypatch, capsys):
+    """Runs ``dinov2 ARGS`` in this process, as its console script does, and expects it to exit with
+    ``exit_code`` (0: done, 2: bad input). Returns what it printed."""
     from dinov2.cli import run
 
-    def run_failing(args: list[str]) -> str:
+    def run_cli(args: list[str], exit_code: int = 0) -> str:
         monkeypatch.setattr(sys, "argv", ["dinov2", *args])
         with pytest.raises(SystemExit) as exit_status:
             run()
-        assert exit_status.value.code == 2
+        assert (exit_status.value.code or 0) == exit_code, capsys.readouterr().out[-3000:]
         return capsys.readouterr().out
 
-    return run_failing
+    return run_cli
+
+
+@pytest.fixture
+def cli_error(cli):
+    """``cli`` for a command that must exit 2 (bad input)."""
+    return lambda args: cli(args, exit_code=2)
