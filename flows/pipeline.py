@@ -37,10 +37,15 @@ def metrics_files(pipeline: dict, stage: str) -> list[str]:
     return [path for path in dict.fromkeys(paths) if path.startswith(f"outputs/{stage}/") and "${" not in path]
 
 
+def checkout(repository: str | None) -> Path:
+    """The folder the flows run DVC in: ``repository``, or the working directory when it is not given."""
+    return Path(repository).resolve() if repository else Path.cwd()
+
+
 def repro(stages: list[str], retries: int, repository: str | None = None) -> dict[str, dict]:
     """``dvc repro`` each stage in turn in ``repository`` (default: the working directory); returns each
     stage's metrics by file."""
-    repository = Path(repository).resolve() if repository else Path.cwd()
+    repository = checkout(repository)
     pipeline = read_pipeline(repository)
     defined = list(pipeline.get("stages", {}))
     unknown = [stage for stage in stages if stage not in defined]
@@ -61,5 +66,5 @@ def repro(stages: list[str], retries: int, repository: str | None = None) -> dic
 def pipeline(stages: list[str] | None = None, retries: int = 1, repository: str | None = None) -> dict[str, dict]:
     """The whole pipeline (prepare, embed, dedup, retrieve, pretrain, distill, evaluate, report) or the
     listed ``stages`` of it, in that order, through DVC, in ``repository`` (default: the working directory)."""
-    defined = read_pipeline(Path(repository).resolve() if repository else Path.cwd()).get("stages", {})
+    defined = read_pipeline(checkout(repository)).get("stages", {})
     return repro(list(stages or [stage for stage in PIPELINE_STAGES if stage in defined]), retries, repository)

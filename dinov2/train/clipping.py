@@ -77,16 +77,15 @@ def clip_per_module(modules: list[nn.Module], max_norm: float) -> torch.Tensor:
     norms = squares.sqrt()
     scales = (max_norm / (norms + _EPSILON)).clamp(max=1.0)
     for module_pieces, scale in zip(pieces, scales, strict=True):
-        zero3 = [(p, g) for p, g in module_pieces if hasattr(p, "ds_id")]
-        for parameter, gradient in zero3:
-            # the local-gradient API may hand out a converted copy: write the scaled values back through it
+        if any(hasattr(p, "ds_id") for p, _ in module_pieces):
+            # ZeRO-3: the local-gradient API may hand out a converted copy; write the scaled values back
             from deepspeed.utils import safe_set_local_grad
 
-            safe_set_local_grad(parameter, gradient * scale)
-        plain = [g for p, g in module_pieces if not hasattr(p, "ds_id")]
-        if plain:
+            for parameter, gradient in module_pieces:
+                safe_set_local_grad(parameter, gradient * scale)
+        elif module_pieces:
             # the fp32 factor, as a Python float factor would be applied to bf16 gradients
-            torch._foreach_mul_(plain, scale)
+            torch._foreach_mul_([g for _, g in module_pieces], scale)
     return norms
 
 
