@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,17 +41,29 @@ class LocalServices:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def log_messages(self, flow_run_id: str) -> list[str]:
-        """Every log line of a flow run, oldest first (the API answers 200 at a time)."""
-        messages: list[str] = []
+    def log_messages(self, flow_run_id: str, timeout: float = 60) -> list[str]:
+        """Every log line of a flow run, oldest first (the API answers 200 at a time). The run's process sends
+        its logs in batches, the last after the run is marked completed: for a completed run this waits (up to
+        ``timeout``) for the engine's closing "Finished in state Completed()" line, so no line is missing."""
+        completed = self.api(f"/flow_runs/{flow_run_id}")["state"]["type"] == "COMPLETED"
+        deadline = time.monotonic() + timeout
         while True:
-            page = self.api(
+            messages: list[str] = []
+            while page := self.api(
                 "/logs/filter",
                 {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(messages)},
-            )
-            if not page:
+            ):
+                messages += [entry["message"] for entry in page]
+            finished = any(m.startswith("Finished in state Completed") for m in messages)
+            if not completed or finished or time.monotonic() > deadline:
                 return messages
-            messages += [entry["message"] for entry in page]
+            time.sleep(1)
+
+    def log_delivery_errors(self) -> list[str]:
+        """What the local worker's flow runs wrote on failing to send a batch of logs to the API."""
+        log = self.state_dir / "logs" / "worker-local.log"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        return [" ".join(lines[i : i + 2]) for i, line in enumerate(lines) if "Error logging to API" in line]
 
     def recorded_pids(self) -> list[int]:
         return [json.loads(path.read_text())["pid"] for path in sorted((self.state_dir / "pids").glob("*.json"))]

@@ -192,7 +192,7 @@ def test_cpu_pretraining_killed_after_a_checkpoint_resumes_completes_and_is_tagg
     assert any(f"resumed from {run_folder / 'checkpoints' / 'iter_0000004'} at iteration 4" in m for m in messages)
     # the engine's output reached the Prefect logs line by line: three launches (killed, retried, flow retried)
     assert sum(m.startswith("$ ") and "dinov2 pretrain" in m and "--dry-run" not in m for m in messages) == 3
-    assert any(f'"iteration": {ITERATIONS}' in m for m in messages)
+    assert any(f'"iteration": {ITERATIONS}' in m for m in messages), services.log_delivery_errors()
 
     client = MlflowClient(services.mlflow_url)
     experiment = client.get_experiment_by_name("dinov2/pretrain")
@@ -229,7 +229,7 @@ def test_a_killed_worker_crashes_its_flow_run_and_the_retried_run_resumes_from_t
     checkpoint = run_folder / "checkpoints" / "iter_0000008"
     assert [m for m in messages if m.startswith("INFO dinov2.train.train: resumed from")][-1:] == [
         f"INFO dinov2.train.train: resumed from {checkpoint} at iteration 8"
-    ]
+    ], services.log_delivery_errors()
 
     # every iteration once in the run's history; iterations 9 on were computed again after the crash, to
     # the same losses (the engine is deterministic on CPU), so the MLflow history agrees with the CSV
