@@ -6,8 +6,13 @@ preference order (the stage ranks the best copy first, ``representatives.py``; b
 order), so the result does not depend on the search backend's tie order. Relative dedup builds the same
 graph over pool + evaluation images and drops every pool image whose component holds an evaluation
 image, so a chain of near-copies cannot smuggle a test image into pretraining.
+
+Both take an optional ``verify``: given the graph's edges (E, 2), it returns those that hold (``verify.py``
+aligns the two images' pixels). The threshold then only picks the candidates it checks; relative dedup then
+links pool images to evaluation images only (the pool's own pairs are self-dedup's).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +46,15 @@ def knn_edges(
     return np.stack([sources[linked], rows[linked]], axis=1)
 
 
+EdgeCheck = Callable[[np.ndarray], np.ndarray]
+
+
+def _checked(edges: np.ndarray, verify: EdgeCheck | None) -> np.ndarray:
+    """The edges between different images that ``verify`` (when given) keeps."""
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    return edges if verify is None or not len(edges) else verify(edges)
+
+
 @dataclass
 class SelfDedup:
     labels: np.ndarray  # component label (its smallest member) of every image
@@ -72,6 +86,7 @@ def self_dedup(
     placement: Placement = "auto",
     nprobe: int | None = None,
     preference: np.ndarray | None = None,
+    verify: EdgeCheck | None = None,
 ) -> SelfDedup:
     """Components of the k-NN graph; ``preference[i]`` ranks image i (0 = best), the best of each is kept."""
     vectors = check_vectors(vectors, "embeddings")
@@ -80,7 +95,7 @@ def self_dedup(
     if preference.shape != (n,) or len(np.unique(preference)) != n:
         raise ValueError(f"preference must rank the {n} images with {n} distinct numbers, got shape {preference.shape}")
     k = min(k, n) if n > 1 else 2
-    labels = connected_components(n, knn_edges(vectors, k, threshold, kind, placement, nprobe))
+    labels = connected_components(n, _checked(knn_edges(vectors, k, threshold, kind, placement, nprobe), verify))
     best = np.full(n, np.iinfo(np.int64).max)
     np.minimum.at(best, labels, preference)
     return SelfDedup(labels, preference == best[labels])
@@ -94,8 +109,10 @@ def relative_dedup(
     kind: IndexKind = "auto",
     placement: Placement = "auto",
     nprobe: int | None = None,
+    verify: EdgeCheck | None = None,
 ) -> np.ndarray:
-    """Boolean mask over the pool: True where the image's component holds no evaluation image."""
+    """Boolean mask over the pool: True where the image's component holds no evaluation image. Rows of the
+    graph (and of the edges ``verify`` gets): the pool's, then each evaluation set's, in order."""
     pool = check_vectors(pool, "pool embeddings")
     if not evaluation:
         return np.ones(len(pool), dtype=bool)
@@ -103,9 +120,12 @@ def relative_dedup(
         check_vectors(vectors, f"evaluation set {i} embeddings", pool.shape[1]) for i, vectors in enumerate(evaluation)
     ]
     everything = np.concatenate([pool, *sets])
-    labels = connected_components(
-        len(everything), knn_edges(everything, max(2, min(k, len(everything))), threshold, kind, placement, nprobe)
-    )
+    edges = knn_edges(everything, max(2, min(k, len(everything))), threshold, kind, placement, nprobe)
+    if verify is not None:
+        # Only pool-evaluation pairs are checked: the pool's own pairs were checked by self-dedup, and a link
+        # between two evaluation images changes which pool images are removed no more than none.
+        edges = edges[(edges[:, 0] < len(pool)) != (edges[:, 1] < len(pool))]
+    labels = connected_components(len(everything), _checked(edges, verify))
     tainted = np.zeros(len(everything), dtype=bool)
     tainted[np.unique(labels[len(pool) :])] = True
     return ~tainted[labels[: len(pool)]]

@@ -39,7 +39,7 @@ says how much of the planted material curation found.
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -419,6 +419,54 @@ class Selection:
     test_copied: np.ndarray  # test image copied by each planted test copy (indices into test)
     digits: np.ndarray
     photos: list[str]
+    near_twins_left_out: int = 0  # source images left out of the pool: alike to a pool or an eval test image
+
+
+def _grey_vectors(images: Iterable[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Grey thumbnails (SIDE x SIDE) as centred unit vectors, and the same of their mirror images."""
+    plain, mirrored = [], []
+    for image in images:
+        pixels = np.asarray(image.convert("L").resize((SIDE, SIDE), Image.BICUBIC), dtype=np.float32)
+        for vectors, view in ((plain, pixels), (mirrored, pixels[:, ::-1])):
+            centred = view.ravel() - view.mean()
+            vectors.append(centred / (np.linalg.norm(centred) + 1e-6))
+    return np.stack(plain), np.stack(mirrored)
+
+
+def _take_distinct(
+    candidates: Iterable[int],
+    count: int,
+    usable: Callable[[int], bool],
+    image: Callable[[int], Image.Image],
+    threshold: float | None,
+    avoided: Sequence[Image.Image] = (),
+) -> tuple[list[int], int]:
+    """``_take``, leaving out each candidate whose grey pixels (at SIDE px) correlate at ``threshold`` or more
+    with those of one already taken or of an ``avoided`` image, as they are or mirrored; returns the taken and
+    the number left out."""
+    if threshold is None:
+        return _take(candidates, count, usable), 0
+    candidates = iter(candidates)
+    chosen: list[int] = []
+    taken = _grey_vectors(avoided)[0] if avoided else np.empty((0, SIDE * SIDE), dtype=np.float32)
+    left_out = 0
+    while len(chosen) < count:
+        batch = _take(candidates, min(512, count - len(chosen)), usable)
+        if not batch:
+            break
+        plain, mirrored = _grey_vectors(image(index) for index in batch)
+        # best correlation of each candidate with the pool so far, and with the other candidates of the batch
+        earlier = np.maximum(plain @ taken.T, mirrored @ taken.T).max(axis=1, initial=-1.0)
+        within = np.maximum(plain @ plain.T, mirrored @ plain.T)
+        accepted: list[int] = []
+        for n, index in enumerate(batch):
+            if earlier[n] >= threshold or (accepted and within[n, accepted].max() >= threshold):
+                left_out += 1
+            else:
+                accepted.append(n)
+                chosen.append(index)
+        taken = np.concatenate([taken, plain[accepted]])
+    return chosen, left_out
 
 
 def _take(candidates: Iterable[int], count: int, usable: Callable[[int], bool]) -> list[int]:
@@ -465,15 +513,24 @@ def select(source: Source, sizes: "DefaultData", rng: np.random.Generator) -> Se
     )
     taken = np.zeros(len(order), dtype=bool)
     taken[seed] = taken[eval_train] = True
-    pool = _take((index for index in order if not taken[index]), sizes.pool_images, lambda i: source.usable("train", i))
+    # The test images first (the draws are the same in either order): the pool leaves out look-alikes of them too.
+    test_order = rng.permutation(len(source.labels["test"]))
+    (eval_test,) = _per_class(source, "test", test_order, (sizes.eval_test_per_class,), ("eval_test_per_class",))
+    pool, near_twins = _take_distinct(
+        (index for index in order if not taken[index]),
+        sizes.pool_images,
+        lambda i: source.usable("train", i),
+        lambda i: source.image("train", i),
+        sizes.near_twin_correlation,
+        [source.image("test", int(i)) for i in eval_test] if sizes.near_twin_correlation is not None else (),
+    )
     if len(pool) < sizes.pool_images:
         raise ValueError(
             f"prepare.default_data: pool_images = {sizes.pool_images} exceeds the {len(pool)} readable, distinct "
             "train images left after seed_per_class + eval_train_per_class"
+            + (f" ({near_twins} near-twins left out: near_twin_correlation)" if near_twins else "")
         )
     pool = np.array(pool, dtype=np.int64)
-    test_order = rng.permutation(len(source.labels["test"]))
-    (eval_test,) = _per_class(source, "test", test_order, (sizes.eval_test_per_class,), ("eval_test_per_class",))
     # Web copies are uneven: an original gets one to three copies.
     duplicated: list[int] = []
     for original in rng.permutation(pool):
@@ -494,6 +551,7 @@ def select(source: Source, sizes: "DefaultData", rng: np.random.Generator) -> Se
         test_copied,
         digits,
         photos,
+        near_twins,
     )
 
 
@@ -591,6 +649,7 @@ def build_default_data(out: Path, sizes: "DefaultData") -> dict[str, int]:
             metrics[f"prepare/{name}_images"] = counts["prepare/images"]
             metrics[f"prepare/{name}_unreadable"] = counts["prepare/unreadable"]
         metrics[f"prepare/pool_{source.name}_images"] = len(chosen.pool)
+        metrics["prepare/near_twins_left_out"] = chosen.near_twins_left_out
         metrics["prepare/planted_pool_duplicates"] = len(chosen.duplicated)
         metrics["prepare/planted_test_copies"] = len(chosen.test_copied)
         metrics["prepare/distractor_digits"] = len(chosen.digits)

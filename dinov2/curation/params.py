@@ -28,6 +28,13 @@ class DefaultData(Section):
     pool_images: int = Field(5000, ge=1, description="The source's own train images in the uncurated pool.")
     eval_train_per_class: int = Field(100, ge=1, description="Labelled train images per class for kNN / linear.")
     eval_test_per_class: int = Field(100, ge=1, description="Test images per class.")
+    near_twin_correlation: float | None = Field(
+        0.95,
+        ge=-1,
+        le=1,
+        description="A source image whose grey pixels correlate this well (mirrored or not) with those of a pool "
+        "or an evaluation test image is left out of the pool: a duplicate nobody planted; null keeps them.",
+    )
     pool_duplicates: int = Field(250, ge=0, description="Edited copies of pool images planted in the pool.")
     test_copies: int = Field(150, ge=0, description="Edited copies of evaluation test images planted in the pool.")
     distractor_digits: int = Field(500, ge=0, le=MNIST_DIGITS, description="MNIST digits planted in the pool.")
@@ -125,6 +132,15 @@ def _cosine(value: float | None) -> float | None:
     return value
 
 
+class VerifyParams(Section):
+    """Pixel verification of the descriptor's candidate pairs (verify.py): with it, dedup's thresholds pick the
+    candidates and a pair links two images only when their aligned pixels correlate this well."""
+
+    threshold: float = Field(0.98, ge=-1, le=1, description="Aligned pixel correlation a candidate pair must reach.")
+    side: int = Field(28, ge=8, le=256, description="Side of the grey thumbnails compared, in pixels.")
+    steps: int = Field(48, ge=2, description="Gradient steps of each alignment (half on blurred images).")
+
+
 class DedupParams(Section):
     k: int = Field(64, ge=2, description="Neighbours per image in the k-NN graph.")
     # None: the embedder's own threshold (0.6 / 0.45 for backbones as in the paper, 0.825 / 0.75 for the
@@ -138,6 +154,7 @@ class DedupParams(Section):
     use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
     placement: Literal["auto", "cpu", "gpu"] = "auto"
     report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")
+    verify: VerifyParams | None = Field(None, description="Pixel verification of candidate pairs; null: none.")
     # Sanity checks (stages.py): a threshold calibrated for another model than the embedder, or one duplicate
     # group holding more than max_group_share of the pool (groups of up to 10 images always pass).
     max_group_share: float = Field(0.05, gt=0, le=1, description="Largest duplicate group, as a share of the pool.")

@@ -20,17 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from dinov2.curation.dedup import check_threshold, relative_dedup, self_dedup
+from dinov2.curation.dedup import EdgeCheck, check_threshold, relative_dedup, self_dedup
 from dinov2.curation.embedders import build_embedder, embedder_name
 from dinov2.curation.embeddings import EmbeddingError, EmbeddingSet, check_same_model, embed_manifest, load_embeddings
 from dinov2.curation.index import VectorIndex
 from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans
 from dinov2.curation.manifest import build_manifest, read_manifest, write_table_atomically
-from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
+from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams, VerifyParams
 from dinov2.curation.report import cluster_share_plot, image_grid, write_json
 from dinov2.curation.representatives import kept_reason, preference_order
 from dinov2.curation.retrieval import assign_to_centroids, cluster_based, cluster_pool, sample_based
+from dinov2.curation.verify import grey_thumbnails, verified_edges
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,30 @@ def _threshold(explicit: float | None, embeddings: EmbeddingSet, kind: str, guar
     return check_threshold(value, f"{kind} dedup threshold")
 
 
+def _pixel_check(
+    verify: VerifyParams | None, paths: Sequence[str], kind: str, counts: dict[str, int]
+) -> EdgeCheck | None:
+    """The edge check of ``dedup.verify`` over graph rows whose images are ``paths``; it counts, in ``counts``,
+    the candidate pairs it scored and those it kept."""
+    if verify is None:
+        return None
+
+    def check(edges: np.ndarray) -> np.ndarray:
+        def thumbnails(rows: np.ndarray) -> torch.Tensor:
+            return grey_thumbnails([paths[row] for row in rows], verify.side)
+
+        kept, _ = verified_edges(edges, thumbnails, verify.threshold, verify.steps)
+        counts[f"dedup/{kind}_candidate_pairs"] = len(np.unique(np.sort(edges, axis=1), axis=0))
+        counts[f"dedup/{kind}_verified_pairs"] = len(np.unique(np.sort(kept, axis=1), axis=0))
+        logger.info(
+            "%s dedup: %d of %d candidate pairs verified (aligned pixel correlation >= %s)",
+            kind, counts[f"dedup/{kind}_verified_pairs"], counts[f"dedup/{kind}_candidate_pairs"], verify.threshold,
+        )  # fmt: skip
+        return kept
+
+    return check
+
+
 def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupParams) -> dict:
     pool = load_embeddings(pool_dir)
     evaluation = [load_embeddings(folder, expected_dim=pool.dim) for folder in eval_dirs]
@@ -140,9 +166,11 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
     paths = manifest.column("path").to_pylist()
     preference = preference_order(pixels, size_bytes, paths)
     with output_folder(out) as folder:
+        checks: dict[str, int] = {}
         result = self_dedup(
-            pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe, preference
-        )
+            pool.vectors, params.k, self_threshold, params.index, params.placement, params.nprobe, preference,
+            verify=_pixel_check(params.verify, paths, "self", checks),
+        )  # fmt: skip
         counts = result.counts()
         largest, images = counts["largest_group"], counts["images"]
         if largest > GROUP_GUARD_MIN_IMAGES and largest > params.max_group_share * images:
@@ -156,6 +184,12 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         kept_rows = np.flatnonzero(result.keep)
         clean = np.ones(len(kept_rows), dtype=bool)
         if relative_threshold is not None:
+            rows_paths = [paths[row] for row in kept_rows]
+            for evaluation_set in evaluation:
+                eval_paths = evaluation_set.manifest.column("path").to_pylist()
+                rows_paths += eval_paths
+                if params.use_eval_views and evaluation_set.views is not None:
+                    rows_paths += [path for path in eval_paths for _ in range(evaluation_set.views.shape[1])]
             clean = relative_dedup(
                 pool.vectors[kept_rows],
                 [e.with_views() if params.use_eval_views else e.vectors for e in evaluation],
@@ -164,6 +198,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
                 params.index,
                 params.placement,
                 params.nprobe,
+                verify=_pixel_check(params.verify, rows_paths, "relative", checks),
             )
         final_rows = kept_rows[clean]
         ids = np.asarray(pool.ids, dtype=object)
@@ -204,6 +239,7 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
             "dedup/kept": len(final_rows),
             "dedup/self_threshold": self_threshold,
             "dedup/relative_threshold": relative_threshold,
+            **checks,
         }
         write_json(metrics, folder / "metrics.json")
     return metrics

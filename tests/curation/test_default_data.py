@@ -65,6 +65,7 @@ def test_every_folder_holds_the_configured_counts(small_build):
         "prepare/eval_test_images": 20,
         "prepare/pool_images": 40 + 6 + 4 + 3 + 2,
         "prepare/pool_fashion_images": 40,
+        "prepare/near_twins_left_out": 0,  # 40 of 55,000 images: none alike
         "prepare/planted_pool_duplicates": 6,
         "prepare/planted_test_copies": 4,
         "prepare/distractor_digits": 3,
@@ -392,6 +393,7 @@ def test_an_image_folder_is_cut_into_the_configured_counts_with_its_skipped_file
         "prepare/eval_test_images": 12,
         "prepare/pool_images": 24 + 6 + 12 + 3 + 2,
         "prepare/pool_folder_images": 24,
+        "prepare/near_twins_left_out": 0,
         "prepare/planted_pool_duplicates": 6,
         "prepare/planted_test_copies": 12,
         "prepare/distractor_digits": 3,

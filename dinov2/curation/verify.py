@@ -1,0 +1,126 @@
+"""Pixel verification of candidate duplicate pairs: align one image onto the other, then correlate.
+
+A copy-detection descriptor ranks pairs well but, on small images of similar objects, no cosine separates
+edited copies from look-alikes (Fashion-MNIST at 28 px: a cropped, rotated copy is often further from its
+original in the descriptor than two different pairs of trousers are from each other). A copy, though, is
+its original up to a geometric edit and a change of tone: undo the edit and the pixels agree.
+
+``aligned_correlation`` does that for a batch of pairs at once. Both images are turned grey and resized
+to ``side`` x ``side``; one is warped onto the other by a similarity transform (scale, rotation, shift),
+fitted by gradient descent on the normalised cross-correlation (first on slightly blurred images, then
+on the pixels), with and without a mirror, in both directions; the score is the best correlation found.
+The normalisation makes it blind to brightness and contrast, and the fit covers crops (a crop resized
+back is a zoom), small rotations and mirrors. The score is in [-1, 1]: a copy of the default data scores
+about 0.99 with its original, different garments mostly below 0.97 (``dinov2/curation/README.md``).
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinov2.data.images import read_rgb
+
+MAX_LOG_SCALE = 0.35  # zoom of at most 1.42x either way: a crop keeping 70% of each side
+MAX_ROTATION = 0.3  # radians, about 17 degrees
+MAX_SHIFT = 0.4  # of half the side
+LEARNING_RATE = 0.05
+BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+
+
+def grey_thumbnails(paths: Sequence[str | Path], side: int) -> torch.Tensor:
+    """(N, side, side) grey images in [0, 1], read with the project's image reader."""
+    thumbnails = [
+        np.asarray(read_rgb(path).convert("L").resize((side, side), Image.BICUBIC), dtype=np.float32) for path in paths
+    ]
+    return torch.from_numpy(np.stack(thumbnails) / 255.0) if thumbnails else torch.zeros(0, side, side)
+
+
+def _correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    first, second = first.flatten(1), second.flatten(1)
+    first = first - first.mean(1, keepdim=True)
+    second = second - second.mean(1, keepdim=True)
+    return (first * second).sum(1) / (first.norm(dim=1) * second.norm(dim=1) + 1e-6)
+
+
+def _blur(images: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(images[:, None], BLUR[None, None], padding=1)[:, 0]
+
+
+def _fit(fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> torch.Tensor:
+    """The best correlation of ``fixed`` with ``moving`` warped by a similarity transform, per pair."""
+    count, side = len(fixed), fixed.shape[-1]
+    log_scale = torch.zeros(count, requires_grad=True)
+    rotation = torch.zeros(count, requires_grad=True)
+    shift = torch.zeros(count, 2, requires_grad=True)
+    optimizer = torch.optim.Adam([log_scale, rotation, shift], lr=LEARNING_RATE)
+    fixed_blurred = _blur(fixed)
+
+    def warp() -> torch.Tensor:
+        scale = torch.exp(log_scale)
+        cos, sin = torch.cos(rotation) * scale, torch.sin(rotation) * scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )  # fmt: skip
+        grid = F.affine_grid(theta, [count, 1, side, side], align_corners=False)
+        return F.grid_sample(moving[:, None], grid, align_corners=False, padding_mode="zeros")[:, 0]
+
+    for step in range(steps):
+        warped = warp()
+        if step < steps // 2:
+            loss = (1 - _correlation(fixed_blurred, _blur(warped))).sum()
+        else:
+            loss = (1 - _correlation(fixed, warped)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            log_scale.clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
+            rotation.clamp_(-MAX_ROTATION, MAX_ROTATION)
+            shift.clamp_(-MAX_SHIFT, MAX_SHIFT)
+    with torch.no_grad():
+        return _correlation(fixed, warp())
+
+
+def aligned_correlation(first: torch.Tensor, second: torch.Tensor, steps: int = 48) -> torch.Tensor:
+    """Per pair of (N, side, side) grey images: the best correlation over similarity transforms, mirrors and
+    the direction of the warp."""
+    if first.shape != second.shape or first.dim() != 3:
+        raise ValueError(
+            f"expected two (N, side, side) batches of the same shape, got {first.shape} and {second.shape}"
+        )
+    if len(first) == 0:
+        return torch.zeros(0)
+    with torch.enable_grad():
+        scores = [
+            _fit(fixed, moving, steps)
+            for fixed, moving in ((first, second), (first, second.flip(-1)), (second, first), (second, first.flip(-1)))
+        ]
+    return torch.stack(scores).max(0).values
+
+
+def verified_edges(
+    edges: np.ndarray,
+    thumbnail: Callable[[np.ndarray], torch.Tensor],
+    threshold: float,
+    steps: int = 48,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edges (E, 2) whose two images' aligned correlation reaches ``threshold``, and every edge's score.
+    ``thumbnail(rows)`` returns the grey thumbnails of those rows; an edge and its reverse are scored once."""
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    pairs, inverse = np.unique(np.sort(edges, axis=1), axis=0, return_inverse=True)
+    scores = np.empty(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows, local = np.unique(chunk, return_inverse=True)
+        images = thumbnail(rows)
+        local = local.reshape(chunk.shape)
+        scores[start : start + len(chunk)] = aligned_correlation(
+            images[local[:, 0]], images[local[:, 1]], steps
+        ).numpy()
+    edge_scores = scores[inverse.reshape(-1)] if len(edges) else scores
+    return edges[edge_scores >= threshold], edge_scores
