@@ -137,8 +137,13 @@ def _pixel_check(
         return None
 
     def check(edges: np.ndarray) -> np.ndarray:
+        # Each image read once: an image is in many pairs, and an evaluation image is also the row of each view.
+        distinct = sorted({paths[row] for row in np.unique(edges)})
+        images = grey_thumbnails(distinct, verify.side)
+        position = {path: n for n, path in enumerate(distinct)}
+
         def thumbnails(rows: np.ndarray) -> torch.Tensor:
-            return grey_thumbnails([paths[row] for row in rows], verify.side)
+            return images[[position[paths[row]] for row in rows]].float() / 255
 
         kept, _ = verified_edges(edges, thumbnails, verify.threshold, verify.steps)
         counts[f"dedup/{kind}_candidate_pairs"] = len(np.unique(np.sort(edges, axis=1), axis=0))

@@ -32,11 +32,9 @@ BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 
 
 def grey_thumbnails(paths: Sequence[str | Path], side: int) -> torch.Tensor:
-    """(N, side, side) grey images in [0, 1], read with the project's image reader."""
-    thumbnails = [
-        np.asarray(read_rgb(path).convert("L").resize((side, side), Image.BICUBIC), dtype=np.float32) for path in paths
-    ]
-    return torch.from_numpy(np.stack(thumbnails) / 255.0) if thumbnails else torch.zeros(0, side, side)
+    """(N, side, side) uint8 grey images, read with the project's image reader (784 bytes each at 28 px)."""
+    thumbnails = [np.asarray(read_rgb(path).convert("L").resize((side, side), Image.BICUBIC)) for path in paths]
+    return torch.from_numpy(np.stack(thumbnails)) if thumbnails else torch.zeros(0, side, side, dtype=torch.uint8)
 
 
 def _correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
