@@ -179,7 +179,7 @@ def initialize_engine(
         if device.type == "cuda" and recipe.deepspeed.precision == "deepspeed_bf16":
             logger.warning(
                 "train.compile with deepspeed.precision=deepspeed_bf16: on CUDA these steps drifted from fp32 "
-                "(5%% after 6 steps, the loss rising; not on CPU); autocast_bf16 or eager blocks are safer"
+                "(5% after 6 steps, the loss rising; not on CPU); autocast_bf16 or eager blocks are safer"
             )
         compile_blocks(objective)
     optimizer = build_adamw(objective.optimizer_groups(), recipe, device)
