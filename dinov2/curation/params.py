@@ -137,6 +137,9 @@ class VerifyParams(Section):
     candidates and a pair links two images only when their aligned pixels correlate this well."""
 
     threshold: float = Field(0.98, ge=-1, le=1, description="Aligned pixel correlation a candidate pair must reach.")
+    relative_threshold: float | None = Field(
+        None, ge=-1, le=1, description="The same for pool-evaluation pairs (relative dedup); null: threshold."
+    )
     side: int = Field(28, ge=8, le=256, description="Side of the grey thumbnails compared, in pixels.")
     steps: int = Field(48, ge=2, description="Gradient steps of each alignment (half on blurred images).")
 

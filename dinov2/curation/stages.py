@@ -131,10 +131,13 @@ def _threshold(explicit: float | None, embeddings: EmbeddingSet, kind: str, guar
 def _pixel_check(
     verify: VerifyParams | None, paths: Sequence[str], kind: str, counts: dict[str, int]
 ) -> EdgeCheck | None:
-    """The edge check of ``dedup.verify`` over graph rows whose images are ``paths``; it counts, in ``counts``,
-    the candidate pairs it scored and those it kept."""
+    """The edge check of ``dedup.verify`` over graph rows whose images are ``paths`` (``kind``: self or relative,
+    which picks the threshold); it counts, in ``counts``, the candidate pairs it scored and those it kept."""
     if verify is None:
         return None
+    threshold = verify.threshold
+    if kind == "relative" and verify.relative_threshold is not None:
+        threshold = verify.relative_threshold
 
     def check(edges: np.ndarray) -> np.ndarray:
         # Each image read once: an image is in many pairs, and an evaluation image is also the row of each view.
@@ -145,12 +148,12 @@ def _pixel_check(
         def thumbnails(rows: np.ndarray) -> torch.Tensor:
             return images[[position[paths[row]] for row in rows]].float() / 255
 
-        kept, _ = verified_edges(edges, thumbnails, verify.threshold, verify.steps)
+        kept, _ = verified_edges(edges, thumbnails, threshold, verify.steps)
         counts[f"dedup/{kind}_candidate_pairs"] = len(np.unique(np.sort(edges, axis=1), axis=0))
         counts[f"dedup/{kind}_verified_pairs"] = len(np.unique(np.sort(kept, axis=1), axis=0))
         logger.info(
             "%s dedup: %d of %d candidate pairs verified (aligned pixel correlation >= %s)",
-            kind, counts[f"dedup/{kind}_verified_pairs"], counts[f"dedup/{kind}_candidate_pairs"], verify.threshold,
+            kind, counts[f"dedup/{kind}_verified_pairs"], counts[f"dedup/{kind}_candidate_pairs"], threshold,
         )  # fmt: skip
         return kept
 
