@@ -52,7 +52,14 @@ from PIL import Image, ImageEnhance, ImageOps
 from dinov2.curation.manifest import UNREADABLE_SCHEMA, content_hash, write_table_atomically
 from dinov2.curation.report import image_grid, write_json
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, read_rgb, scan_images, try_read_rgb
+from dinov2.data.images import (
+    DEFAULT_MAX_PIXELS,
+    SkippedImages,
+    grey_thumbnail,
+    read_rgb,
+    scan_images,
+    try_read_rgb,
+)
 
 if TYPE_CHECKING:
     from dinov2.curation.params import DefaultData
@@ -426,7 +433,7 @@ def _grey_vectors(images: Iterable[Image.Image]) -> tuple[np.ndarray, np.ndarray
     """Grey thumbnails (SIDE x SIDE) as centred unit vectors, and the same of their mirror images."""
     plain, mirrored = [], []
     for image in images:
-        pixels = np.asarray(image.convert("L").resize((SIDE, SIDE), Image.BICUBIC), dtype=np.float32)
+        pixels = grey_thumbnail(image, SIDE).astype(np.float32)
         for vectors, view in ((plain, pixels), (mirrored, pixels[:, ::-1])):
             centred = view.ravel() - view.mean()
             vectors.append(centred / (np.linalg.norm(centred) + 1e-6))

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from dinov2.data.images import read_rgb
+from dinov2.data.images import grey_thumbnail, read_rgb
 
 MAX_LOG_SCALE = 0.35  # zoom of at most 1.42x either way: a crop keeping 70% of each side
 MAX_ROTATION = 0.3  # radians, about 17 degrees
@@ -34,7 +33,7 @@ BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 
 def grey_thumbnails(paths: Sequence[str | Path], side: int) -> torch.Tensor:
     """(N, side, side) uint8 grey images, read with the project's image reader (784 bytes each at 28 px)."""
-    thumbnails = [np.asarray(read_rgb(path).convert("L").resize((side, side), Image.BICUBIC)) for path in paths]
+    thumbnails = [grey_thumbnail(read_rgb(path), side) for path in paths]
     return torch.from_numpy(np.stack(thumbnails)) if thumbnails else torch.zeros(0, side, side, dtype=torch.uint8)
 
 

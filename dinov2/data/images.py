@@ -124,6 +124,11 @@ def read_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
+def grey_thumbnail(image: Image.Image, side: int) -> np.ndarray:
+    """(side, side) uint8: the image grey, resized with bicubic filtering (what pixel comparisons of copies use)."""
+    return np.asarray(image.convert("L").resize((side, side), Image.BICUBIC))
+
+
 def try_read_rgb(path: str | Path, skipped: SkippedImages, max_pixels: int | None = None) -> Image.Image | None:
     try:
         return read_rgb(path, max_pixels)
