@@ -192,13 +192,14 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
         kept_rows = np.flatnonzero(result.keep)
         clean = np.ones(len(kept_rows), dtype=bool)
         if relative_threshold is not None:
-            # the image of every row of relative dedup's graph, for the pixel check
-            rows_paths = [paths[row] for row in kept_rows] if params.verify is not None else []
-            for evaluation_set in evaluation if params.verify is not None else []:
-                eval_paths = evaluation_set.manifest.column("path").to_pylist()
-                rows_paths += eval_paths
-                if params.use_eval_views and evaluation_set.views is not None:
-                    rows_paths += [path for path in eval_paths for _ in range(evaluation_set.views.shape[1])]
+            rows_paths: list[str] = []  # the image of every row of relative dedup's graph, for the pixel check
+            if params.verify is not None:
+                rows_paths = [paths[row] for row in kept_rows]
+                for evaluation_set in evaluation:
+                    eval_paths = evaluation_set.manifest.column("path").to_pylist()
+                    rows_paths += eval_paths
+                    if params.use_eval_views and evaluation_set.views is not None:
+                        rows_paths += [path for path in eval_paths for _ in range(evaluation_set.views.shape[1])]
             clean = relative_dedup(
                 pool.vectors[kept_rows],
                 [e.with_views() if params.use_eval_views else e.vectors for e in evaluation],
