@@ -140,8 +140,26 @@ class VerifyParams(Section):
     relative_threshold: float | None = Field(
         None, ge=-1, le=1, description="The same for pool-evaluation pairs (relative dedup); null: threshold."
     )
+    distinct_threshold: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="A pool-evaluation pair scoring this much also holds when it is a distinct match: the best "
+        "pair of both its images, ahead of each one's next-best by distinct_margin; null: no such rule.",
+    )
+    distinct_margin: float = Field(0.1, gt=0, le=2, description="The lead a distinct match has over each rival.")
     side: int = Field(28, ge=8, le=256, description="Side of the grey thumbnails compared, in pixels.")
     steps: int = Field(48, ge=2, description="Gradient steps of each alignment (half on blurred images).")
+
+    @model_validator(mode="after")
+    def _distinct_below_threshold(self) -> "VerifyParams":
+        relative = self.threshold if self.relative_threshold is None else self.relative_threshold
+        if self.distinct_threshold is not None and self.distinct_threshold >= relative:
+            raise ValueError(
+                f"distinct_threshold ({self.distinct_threshold}) must be below the threshold of pool-evaluation "
+                f"pairs ({relative}): a pair at that score holds without the distinct-match rule"
+            )
+        return self
 
 
 class DedupParams(Section):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dinov2.curation.dedup import EdgeCheck, check_threshold, relative_dedup, self_dedup
 from dinov2.curation.embedders import build_embedder, embedder_name
@@ -32,7 +31,7 @@ from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, Retr
 from dinov2.curation.report import cluster_share_plot, image_grid, write_json
 from dinov2.curation.representatives import kept_reason, preference_order
 from dinov2.curation.retrieval import assign_to_centroids, cluster_based, cluster_pool, sample_based
-from dinov2.curation.verify import grey_thumbnails, verified_edges
+from dinov2.curation.verify import distinct_matches, grey_thumbnails, verified_edges
 
 logger = logging.getLogger(__name__)
 
@@ -132,30 +131,39 @@ def _pixel_check(
     verify: VerifyParams | None, paths: Sequence[str], kind: str, counts: dict[str, int]
 ) -> EdgeCheck | None:
     """The edge check of ``dedup.verify`` over graph rows whose images are ``paths`` (``kind``: self or relative,
-    which picks the threshold); it counts, in ``counts``, the candidate pairs it scored and those it kept."""
+    which picks the threshold and, for relative, adds the distinct-match rule); it counts, in ``counts``, the
+    image pairs it scored and those it kept."""
     if verify is None:
         return None
     threshold = verify.threshold
     if kind == "relative" and verify.relative_threshold is not None:
         threshold = verify.relative_threshold
+    distinct_threshold = verify.distinct_threshold if kind == "relative" else None
 
     def check(edges: np.ndarray) -> np.ndarray:
-        # Each image read once: an image is in many pairs, and an evaluation image is also the row of each view.
+        # Each image read and each pair of images scored once: an image is in many pairs, and an evaluation
+        # image is also the row of each of its views.
         distinct = sorted({paths[row] for row in np.unique(edges)})
         images = grey_thumbnails(distinct, verify.side)
         position = {path: n for n, path in enumerate(distinct)}
-
-        def thumbnails(rows: np.ndarray) -> torch.Tensor:
-            return images[[position[paths[row]] for row in rows]].float() / 255
-
-        kept, _ = verified_edges(edges, thumbnails, threshold, verify.steps)
-        counts[f"dedup/{kind}_candidate_pairs"] = len(np.unique(np.sort(edges, axis=1), axis=0))
-        counts[f"dedup/{kind}_verified_pairs"] = len(np.unique(np.sort(kept, axis=1), axis=0))
+        rows = np.unique(edges)
+        image_of = np.zeros(rows.max() + 1 if len(rows) else 0, dtype=np.int64)
+        image_of[rows] = [position[paths[row]] for row in rows]
+        image_edges = image_of[edges]
+        pairs, inverse = np.unique(np.sort(image_edges, axis=1), axis=0, return_inverse=True)
+        _, scores = verified_edges(pairs, lambda chosen: images[chosen].float() / 255, threshold, verify.steps)
+        holds = scores >= threshold
+        if distinct_threshold is not None:
+            holds |= (scores >= distinct_threshold) & distinct_matches(pairs, scores, verify.distinct_margin)
+        counts[f"dedup/{kind}_candidate_pairs"] = len(pairs)
+        counts[f"dedup/{kind}_verified_pairs"] = int(holds.sum())
         logger.info(
-            "%s dedup: %d of %d candidate pairs verified (aligned pixel correlation >= %s)",
+            "%s dedup: %d of %d candidate image pairs verified (aligned pixel correlation >= %s%s)",
             kind, counts[f"dedup/{kind}_verified_pairs"], counts[f"dedup/{kind}_candidate_pairs"], threshold,
+            "" if distinct_threshold is None
+            else f", or >= {distinct_threshold} for a distinct match leading by {verify.distinct_margin}",
         )  # fmt: skip
-        return kept
+        return edges[holds[inverse.reshape(-1)]]
 
     return check
 

@@ -140,3 +140,34 @@ def verified_edges(
         ).numpy()
     edge_scores = scores[inverse.reshape(-1)] if len(edges) else scores
     return edges[edge_scores >= threshold], edge_scores
+
+
+def distinct_matches(pairs: np.ndarray, scores: np.ndarray, margin: float) -> np.ndarray:
+    """Mask over (P, 2) image pairs: the pair is the best-scoring pair of each of its two images, ahead of that
+    image's next-best pair by ``margin`` or more (an image in no other pair has no rival). A copy matches its
+    original and little else as well; a look-alike has rivals (the ratio test of feature matching)."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(pairs) != len(scores):
+        raise ValueError(f"expected a score per pair, got {len(scores)} scores for {len(pairs)} pairs")
+    if not len(pairs):
+        return np.zeros(0, dtype=bool)
+    images, inverse = np.unique(pairs, return_inverse=True)
+    ends = inverse.reshape(-1, 2)
+    best = np.full(len(images), -np.inf)
+    np.maximum.at(best, ends[:, 0], scores)
+    np.maximum.at(best, ends[:, 1], scores)
+    # the runner-up of each image: its best score among pairs other than one pair that holds its best
+    holder = np.full(len(images), -1)
+    for column in (0, 1):
+        at_best = np.flatnonzero(scores == best[ends[:, column]])
+        holder[ends[at_best, column]] = at_best
+    runner_up = np.full(len(images), -np.inf)
+    for column in (0, 1):
+        others = np.flatnonzero(holder[ends[:, column]] != np.arange(len(pairs)))
+        np.maximum.at(runner_up, ends[others, column], scores[others])
+    leads = []
+    for column in (0, 1):
+        end = ends[:, column]
+        leads.append(np.where(holder[end] == np.arange(len(pairs)), scores - runner_up[end], -np.inf))
+    return (leads[0] >= margin) & (leads[1] >= margin)

@@ -95,6 +95,45 @@ def test_relative_dedup_checks_its_pairs_at_its_own_threshold(tmp_path):
     assert kept == {"self": [[[0, 1]], [[0, 1], [0, 2]]], "relative": [[[0, 1]], [[0, 1]]]}
 
 
+def test_a_distinct_match_below_the_relative_threshold_still_holds(tmp_path):
+    """verify.distinct_threshold: a pool-evaluation pair below relative_threshold holds when it is the best pair
+    of both its images by distinct_margin; look-alike pairs, with rivals, do not. Each pair of images is scored
+    once, however many rows (an evaluation image and its views) link it."""
+    bags = first_of_class("bag", 3)
+    # graph rows: the copy of bag 0 and bag 2 (pool), then bag 0 twice (an image and its view) and bag 1
+    images = [edited(bags[0], HARD_EDITS[3]), bags[2], bags[0], bags[0], bags[1]]
+    paths = []
+    for n, image in enumerate(images):
+        paths.append(str(tmp_path / f"{n}.png"))
+        if n != 3:
+            image.save(paths[-1])
+    paths[3] = paths[2]
+    edges = np.array([[0, 2], [0, 3], [1, 2], [1, 4], [0, 4], [3, 1]])
+    pixels = [grey(Image.open(path)) for path in paths]
+    scores = aligned_correlation(
+        torch.stack([pixels[0], pixels[1], pixels[1], pixels[0]]),
+        torch.stack([pixels[2], pixels[2], pixels[4], pixels[4]]),
+    ).tolist()
+    copy, rival = scores[0], max(scores[1], scores[3])  # the copy's other pair, bag 0's other pair
+    assert copy < 0.999 and copy - rival > 0.02  # the copy leads its look-alikes, below a strict threshold
+
+    def kept(margin: float | None) -> list[list[int]]:
+        verify = VerifyParams(
+            relative_threshold=0.999, distinct_threshold=None if margin is None else copy - 0.01,
+            distinct_margin=margin or 0.1,
+        )  # fmt: skip
+        counts = {}
+        result = _pixel_check(verify, paths, "relative", counts)(edges).tolist()
+        assert counts["dedup/relative_candidate_pairs"] == 4
+        return result
+
+    assert kept(None) == []
+    assert kept((copy - rival) / 2) == [[0, 2], [0, 3]]
+    assert kept(copy - rival + 0.01) == []
+    with pytest.raises(ValueError, match="distinct_threshold"):
+        VerifyParams(relative_threshold=0.98, distinct_threshold=0.98)
+
+
 def test_verification_cuts_the_links_a_loose_threshold_makes_between_look_alikes():
     """Self-dedup on 16 bags and edited copies of 4, linked by raw-pixel cosine at a threshold loose enough to
     tie most bags together: with the pixel check at the pipeline's 0.98, exactly the copies are removed."""
