@@ -44,17 +44,22 @@ class LocalServices:
     def log_messages(self, flow_run_id: str, timeout: float = 60) -> list[str]:
         """Every log line of a flow run, oldest first (the API answers 200 at a time). The run's process sends
         its logs in batches, the last after the run is marked completed: for a completed run this waits (up to
-        ``timeout``) for the engine's closing "Finished in state Completed()" line, so no line is missing."""
+        ``timeout``) for the flow run's own closing "Finished in state Completed()" line (each task run logs
+        one too, with its task run id, long before), so no line is missing."""
         completed = self.api(f"/flow_runs/{flow_run_id}")["state"]["type"] == "COMPLETED"
         deadline = time.monotonic() + timeout
         while True:
-            messages: list[str] = []
+            entries: list[dict] = []
             while page := self.api(
                 "/logs/filter",
-                {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(messages)},
+                {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(entries)},
             ):
-                messages += [entry["message"] for entry in page]
-            finished = any(m.startswith("Finished in state Completed") for m in messages)
+                entries += page
+            messages = [entry["message"] for entry in entries]
+            finished = any(
+                entry["task_run_id"] is None and entry["message"].startswith("Finished in state Completed")
+                for entry in entries
+            )
             if not completed or finished or time.monotonic() > deadline:
                 return messages
             time.sleep(1)
