@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dinov2.configuration import flatten
+from dinov2.configuration.settings import Settings, variable
 
 LOCAL_TRACKING_DIR = Path("outputs/mlflow")
-PIPELINE_RUN_ENV = "DINOV2_PIPELINE_RUN_ID"  # set by `dinov2 pipeline`: stage runs become its children
-TRACKING_ENV = "DINOV2_TRACKING"  # "off": no MLflow at all in this process
+PIPELINE_RUN_ENV = variable(Settings, "pipeline_run_id")  # set by `dinov2 pipeline` for its stage commands
+TRACKING_ENV = variable(Settings, "tracking")
 _MAX_PARAM_LENGTH = 6000
 _PARAMS_PER_CALL = 100
 
@@ -38,16 +39,11 @@ def is_rank_zero() -> bool:
 
 def tracking_enabled() -> bool:
     """False when ``DINOV2_TRACKING`` is ``off``; any value but ``on`` or ``off`` is refused by name."""
-    value = os.environ.get(TRACKING_ENV, "on").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{TRACKING_ENV} must be 'on' or 'off', got {os.environ[TRACKING_ENV]!r}")
-    return value == "on"
+    return Settings.read().tracking == "on"
 
 
 def tracking_uri() -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(LOCAL_TRACKING_DIR / 'mlflow.db').resolve()}"
+    return Settings.read().mlflow_tracking_uri or f"sqlite:///{(LOCAL_TRACKING_DIR / 'mlflow.db').resolve()}"
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
@@ -65,15 +61,14 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
 
 
 def run_tags(stage: str, recipe: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    settings = Settings.read()
     tags = {"dinov2.stage": stage, **git_state(Path(__file__).resolve().parent)}
     if recipe:
         tags["dinov2.recipe"] = recipe
-    # Prefect exports the flow-run id to the processes it launches.
-    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
-    if flow_run_id:
-        tags["prefect.flow_run_id"] = flow_run_id
-    if os.environ.get("DVC_STAGE"):
-        tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    if settings.prefect_flow_run_id:
+        tags["prefect.flow_run_id"] = settings.prefect_flow_run_id
+    if settings.dvc_stage:
+        tags["dvc.stage"] = settings.dvc_stage
     tags.update(extra or {})
     return tags
 
@@ -176,7 +171,7 @@ def tracked_run(
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(f"dinov2/{stage}", uri)
-    parent = os.environ.get(PIPELINE_RUN_ENV)
+    parent = Settings.read().pipeline_run_id
     if parent and _run_exists(parent):
         # a stage of a pipeline run: a child run under the pipeline's parent, in its experiment
         experiment_id = mlflow.get_run(parent).info.experiment_id

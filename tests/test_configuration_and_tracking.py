@@ -88,6 +88,6 @@ def test_tracking_off_opens_no_run_and_a_wrong_value_is_named(mlflow_uri, monkey
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     assert client.get_experiment_by_name("dinov2/untracked-stage") is None
     monkeypatch.setenv("DINOV2_TRACKING", "no")
-    with pytest.raises(ValueError, match="DINOV2_TRACKING must be 'on' or 'off', got 'no'"):
+    with pytest.raises(ValueError, match="DINOV2_TRACKING='no': Input should be 'on' or 'off'"):
         with tracked_run("evaluate"):
             pass

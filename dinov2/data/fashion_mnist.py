@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinov2.configuration.settings import Settings, variable
+
+FOLDER_VARIABLE = variable(Settings, "fashion_mnist")
+
 logger = logging.getLogger(__name__)
 
 # Filesystem-safe names, in label order (torchvision's are "T-shirt/top", ..., "Ankle boot").
@@ -37,7 +41,6 @@ FASHION_MNIST_CLASSES = (
     "ankle_boot",
 )
 
-ENVIRONMENT_VARIABLE = "DINOV2_FASHION_MNIST"
 # The repository's own copy (git-ignored `data/`): where the install step puts the files.
 LOCAL_ROOT = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist"
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -76,12 +79,12 @@ def fashion_mnist_root(*, local_root: Path = LOCAL_ROOT, debian_folder: Path = D
     then Debian's package files (`/usr/share/datasets/fashion-mnist/*.gz`), which are decompressed once
     into the repository's folder.
     """
-    chosen = os.environ.get(ENVIRONMENT_VARIABLE)
+    chosen = Settings.read().fashion_mnist
     if chosen:
         # A folder the user named is the answer or an error: never silently another copy.
         if not _is_complete(Path(chosen)):
             raise FileNotFoundError(
-                f"{ENVIRONMENT_VARIABLE}={chosen} does not hold Fashion-MNIST: expected the uncompressed files "
+                f"{FOLDER_VARIABLE}={chosen} does not hold Fashion-MNIST: expected the uncompressed files "
                 f"{', '.join(RAW_FILES)} in {_raw_folder(Path(chosen))}"
             )
         return Path(chosen)
@@ -91,7 +94,7 @@ def fashion_mnist_root(*, local_root: Path = LOCAL_ROOT, debian_folder: Path = D
         _decompress(debian_folder, local_root)
         return local_root
     raise FileNotFoundError(
-        f"Fashion-MNIST not found: looked in ${ENVIRONMENT_VARIABLE} (unset), {_raw_folder(local_root)} and "
+        f"Fashion-MNIST not found: looked in ${FOLDER_VARIABLE} (unset), {_raw_folder(local_root)} and "
         f"{debian_folder}/*.gz; `make install` (or `make data`) provides it"
     )
 
@@ -155,7 +158,7 @@ def provide_fashion_mnist() -> Path:
     try:
         return fashion_mnist_root()
     except FileNotFoundError:
-        if os.environ.get(ENVIRONMENT_VARIABLE):
+        if Settings.read().fashion_mnist:
             raise
     if not (DEBIAN_FOLDER / f"{RAW_FILES[0]}.gz").is_file() and _apt_get_install():
         return fashion_mnist_root()

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dinov2.data.fashion_mnist import (
-    ENVIRONMENT_VARIABLE,
     FASHION_MNIST_CLASSES,
+    FOLDER_VARIABLE,
     RAW_FILES,
     fashion_mnist_root,
     load_fashion_mnist,
@@ -81,18 +81,18 @@ def test_bad_sizes_and_an_existing_folder_are_refused_before_anything_is_written
 
 
 def test_a_failed_write_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=f"{ENVIRONMENT_VARIABLE}=.*nowhere does not hold Fashion-MNIST"):
+    monkeypatch.setenv(FOLDER_VARIABLE, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=f"{FOLDER_VARIABLE}=.*nowhere does not hold Fashion-MNIST"):
         write_image_folder(tmp_path / "fm", 2, 2)
     assert not list(tmp_path.iterdir())  # neither the folder nor its temporary twin
 
 
 def test_missing_data_names_every_place_looked_at_and_the_install_step(tmp_path, monkeypatch):
-    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(FOLDER_VARIABLE, raising=False)
     with pytest.raises(FileNotFoundError) as error:
         fashion_mnist_root(local_root=tmp_path / "repo", debian_folder=tmp_path / "debian")
     message = str(error.value)
-    assert ENVIRONMENT_VARIABLE in message and str(tmp_path / "repo" / "FashionMNIST" / "raw") in message
+    assert FOLDER_VARIABLE in message and str(tmp_path / "repo" / "FashionMNIST" / "raw") in message
     assert str(tmp_path / "debian") in message and "make install" in message
     assert "\n" not in message
 
@@ -104,7 +104,7 @@ def test_debian_archives_are_decompressed_once_where_torchvision_reads_them(tmp_
     for name in RAW_FILES:  # the package's layout: <name>.gz side by side
         with gzip.open(debian / f"{name}.gz", "wb", compresslevel=1) as archive:
             archive.write((installed / name).read_bytes())
-    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(FOLDER_VARIABLE, raising=False)
     root = fashion_mnist_root(local_root=tmp_path / "repo", debian_folder=debian)
     assert root == tmp_path / "repo"
     raw = root / "FashionMNIST" / "raw"
