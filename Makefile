@@ -51,13 +51,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Local services for one person (Prefect server + workers, MLflow server; state in outputs/services/).
-.PHONY: up down
+# Local services for one person under supervisord (Prefect server + workers, MLflow server; state in
+# outputs/services/). `make status`: one line per program, fails when one is not healthy.
+.PHONY: up down status
 up: install
 	$(PYTHON) -m flows.services up
 
 down:
 	$(PYTHON) -m flows.services down
+
+status:
+	$(PYTHON) -m flows.services status
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -99,20 +99,19 @@ def _wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """A real MLflow tracking server on 127.0.0.1 (SQLite store, file artifacts); yields its URI."""
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store, artifacts served from a folder), started as
+    `make up` starts it (``flows.services.mlflow_server_program``); yields its URI."""
+    from flows.services import mlflow_server_program
+
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
-    command = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--default-artifact-root", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    # MLflow 3 also starts background job consumers (dozens of processes); the tests need none.
-    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment)
+    program = mlflow_server_program(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "127.0.0.1", port)
     uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        program.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **program.environment},
+    )  # fmt: skip
     try:
         _wait_for_http(f"{uri}/health", process, timeout=90)
         yield uri

@@ -1,5 +1,5 @@
 """One real set of local services per test session: a Prefect server, a worker on each work pool and an
-MLflow server on 127.0.0.1, started and stopped exactly as `make up` / `make down` do it."""
+MLflow server on 127.0.0.1 under supervisord, started and stopped exactly as `make up` / `make down` do it."""
 
 import json
 import os
@@ -70,8 +70,13 @@ class LocalServices:
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         return [" ".join(lines[i : i + 2]) for i, line in enumerate(lines) if "Error logging to API" in line]
 
-    def recorded_pids(self) -> list[int]:
-        return [json.loads(path.read_text())["pid"] for path in sorted((self.state_dir / "pids").glob("*.json"))]
+    def supervisord_pid(self) -> int | None:
+        path = self.state_dir / "supervisord.pid"
+        return int(path.read_text()) if path.is_file() else None
+
+    def process_tree(self) -> set[int]:
+        """supervisord and every process under it: the programs, their children, the flow runs of the workers."""
+        return process_tree(self.supervisord_pid())
 
 
 def services_command(action: str, environment: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -79,6 +84,23 @@ def services_command(action: str, environment: dict[str, str], timeout: float = 
         [sys.executable, "-m", "flows.services", action],
         cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def process_tree(root: int | None) -> set[int]:
+    """``root`` and all its descendants (by parent pid, whatever their session), as ``ps`` lists them now."""
+    if root is None:
+        return set()
+    listing = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in listing.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found if process_runs(root) else set()
 
 
 def process_runs(pid: int) -> bool:
@@ -90,6 +112,18 @@ def process_runs(pid: int) -> bool:
 def unused_port():
     """A function returning a TCP port on 127.0.0.1 that nothing listens on."""
     return free_port
+
+
+@pytest.fixture(scope="session")
+def processes_under():
+    """A function: a process id and all its descendants now (by parent pid, whatever their session)."""
+    return process_tree
+
+
+@pytest.fixture(scope="session")
+def process_alive():
+    """A function: whether a process id runs (a zombie waiting to be reaped does not)."""
+    return process_runs
 
 
 @pytest.fixture(scope="session")
@@ -122,14 +156,16 @@ def services(tmp_path_factory) -> Iterator[LocalServices]:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         },
     )
-    pids = running.recorded_pids() if (state / "pids").is_dir() else []
+    pids = running.process_tree()
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield running
     finally:
+        pids |= running.process_tree()  # and what started since: flow runs, restarted workers
         stopped = services_command("down", environment)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        assert [pid for pid in pids if process_runs(pid)] == []
+        # `down` leaves nothing running that `up` or the workers started
+        assert sorted(pid for pid in pids if process_runs(pid)) == []
 
 
 @pytest.fixture(scope="session")
