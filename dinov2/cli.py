@@ -49,23 +49,84 @@ def models() -> None:
     console.print(table)
 
 
+EXPORT_ARTIFACT_MAX_BYTES = 50 * 1024 * 1024  # larger exports are logged to MLflow by path only
+
+
 @app.command()
 def export(
-    model: str = typer.Option(..., help="torch.hub name of the backbone, e.g. dinov2_vits14."),
-    weights: str = typer.Option(..., help="Checkpoint: path, file:// or http(s):// URL, or LVD142M."),
-    out: Path = typer.Option(..., help="Output .safetensors file."),
-    layout: str = typer.Option("hub", help="Key layout: 'hub' (released DINOv2) or 'timm'."),
+    out: Path = typer.Option(
+        ..., help="Output: a .safetensors file (safetensors, timm), a .onnx file (onnx) or a folder (hf)."
+    ),
+    format_: str = typer.Option(
+        "safetensors",
+        "--format",
+        help="safetensors: our layout with the architecture in the metadata (dinov2.hub.load_backbone reads it); "
+        "timm: timm's ViT layout; onnx: ONNX with dynamic batch and image size, checked in ONNX Runtime; "
+        "hf: a Hugging Face Transformers folder (Dinov2Model / Dinov2WithRegistersModel), checked in transformers.",
+    ),
+    model: str | None = typer.Option(None, help="torch.hub name of the backbone, e.g. dinov2_vits14 (with --weights)."),
+    weights: str | None = typer.Option(
+        None, help="Checkpoint for --model: path, file:// or http(s):// URL, or LVD142M."
+    ),
+    backbone: Path | None = typer.Option(
+        None,
+        help="Instead of --model: a backbone .safetensors (training, dinov2 export) or a Hugging Face DINOv2 folder.",
+    ),
+    dtype: str = typer.Option(
+        "fp32", help="onnx only: fp32, or fp16 (checked against our fp32 forward, looser tolerance)."
+    ),
+    layout: str | None = typer.Option(
+        None, hidden=True, help="Old name: --layout hub|timm is --format safetensors|timm."
+    ),
 ) -> None:
-    """Load a backbone checkpoint strictly and write it as safetensors in the hub or timm layout."""
-    from dinov2.hub import create, save_backbone, save_timm
+    """Export a backbone as safetensors, timm, ONNX or a Hugging Face folder, check that the export gives our
+    outputs (max abs difference per output), and log the export to MLflow. Fails (exit 2, export removed)
+    when parity is worse than the format's tolerance."""
+    from dinov2.hub import create, load_backbone
+    from dinov2.hub.formats import check_architecture, check_destination, export_model, require_packages
+    from dinov2.models import DinoVisionTransformer
+    from dinov2.tracking import tracked_run
 
-    if layout not in ("hub", "timm"):
-        raise typer.BadParameter(f"unknown layout {layout!r}; expected 'hub' or 'timm'", param_hint="--layout")
-    if out.suffix != ".safetensors":
-        raise typer.BadParameter(f"{out} should end in .safetensors", param_hint="--out")
-    backbone = create(model, pretrained=True, weights=weights)
-    (save_backbone if layout == "hub" else save_timm)(backbone, out)
-    console.print(f"wrote {out} ({layout} layout)")
+    if layout is not None:
+        if layout not in ("hub", "timm"):
+            raise ValueError(f"unknown layout {layout!r}; expected 'hub' or 'timm' (or use --format)")
+        format_ = "safetensors" if layout == "hub" else "timm"
+    check_destination(format_, out, dtype)
+    require_packages(format_)
+    if (model is None) == (backbone is None):
+        raise ValueError("give the backbone as --model NAME --weights W, or as --backbone PATH (not both)")
+    if model is not None:
+        if weights is None:
+            raise ValueError(f"--model {model} needs --weights (the checkpoint to export)")
+        network = create(model, pretrained=True, weights=weights)
+        if not isinstance(network, DinoVisionTransformer):
+            raise ValueError(f"{model} is not a backbone (a classifier?); export a backbone such as dinov2_vits14")
+        source = f"{model}:{weights}"
+    else:
+        if weights is not None:
+            raise ValueError("--weights goes with --model; --backbone holds its own weights")
+        if not backbone.exists():
+            raise FileNotFoundError(f"backbone not found: {backbone}")
+        network = load_backbone(backbone)
+        source = str(backbone)
+    check_architecture(format_, network)  # a refusal opens no MLflow run
+    config = {"format": format_, "dtype": dtype, "source": source, "out": str(out.resolve())}
+    with tracked_run("export", config=config, run_name=f"export {format_} {out.name}") as tracker:
+        report = export_model(network, format_, out, dtype=dtype)
+        tracker.log_metrics({f"export/parity_{key}": value for key, value in report.parity.items()})
+        size = report.size_bytes()
+        tracker.log_params({"export/path": str(out.resolve()), "export/bytes": size})
+        if size <= EXPORT_ARTIFACT_MAX_BYTES:
+            tracker.log_artifact(out, artifact_path=f"export/{out.name}" if out.is_dir() else "export")
+    if report.parity:
+        table = Table("output", "max abs difference", "tolerance", title=f"parity of {out}")
+        for key, value in report.parity.items():
+            held = key in report.held
+            table.add_row(key, f"{value:.3g}", f"{report.tolerance:g}" if held else "reported, not held")
+        console.print(table)
+    for note in report.notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    console.print(f"wrote {out} ({format_})", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -79,8 +79,44 @@ def test_export_refuses_a_missing_checkpoint_with_one_line(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_export_writes_the_timm_layout(tmp_path):
+def test_export_help_lists_the_formats(cli):
+    output = cli(["export", "--help"])
+    for name in ("safetensors:", "timm:", "onnx:", "hf:"):
+        assert name in output, output
+    assert "--backbone" in output and "--dtype" in output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "pdf", "--out", "m.pdf"],
+         "unknown export format 'pdf'; expected one of safetensors, timm, onnx, hf"),
+        (["--format", "onnx", "--out", "m.safetensors"],
+         "--format onnx writes a .onnx file; m.safetensors should end in .onnx"),
+        (["--format", "timm", "--out", "m.onnx"],
+         "--format timm writes a .safetensors file; m.onnx should end in .safetensors"),
+        (["--format", "hf", "--out", "m.onnx"],
+         "--format hf writes a folder (config.json + model.safetensors); m.onnx looks like a file"),
+        (["--dtype", "fp16", "--out", "m.safetensors"],
+         "--dtype fp16 applies to --format onnx only"),
+        (["--format", "onnx", "--out", "m.onnx", "--backbone", "nope.safetensors"],
+         "backbone not found: nope.safetensors"),
+        (["--out", "m.safetensors"],
+         "give the backbone as --model NAME --weights W, or as --backbone PATH (not both)"),
+    ],
+    ids=["format", "onnx-suffix", "timm-suffix", "hf-file", "dtype", "missing-backbone", "no-source"],
+)  # fmt: skip
+def test_export_refuses_bad_options_in_one_line(cli, monkeypatch, tmp_path, args, message):
+    monkeypatch.chdir(tmp_path)
+    output = cli(["export", *args], 2)
+    assert output.strip() == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_the_timm_layout(tmp_path, monkeypatch):
     import torch
+
+    monkeypatch.setenv("DINOV2_TRACKING", "off")  # MLflow logging of exports is tested in tests/hub
 
     from dinov2.hub import dinov2_vits14_reg
 
@@ -88,7 +124,7 @@ def test_export_writes_the_timm_layout(tmp_path):
     out = tmp_path / "timm.safetensors"
     result = dinov2(
         "export", "--model", "dinov2_vits14_reg", "--weights", str(tmp_path / "w.pth"), "--out", str(out),
-        "--layout", "timm", cwd=tmp_path,
+        "--format", "timm", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     from safetensors import safe_open

@@ -52,11 +52,16 @@ def save_backbone(model: DinoVisionTransformer, path: str | Path, metadata: Mapp
 
 
 def load_backbone(path: str | Path, **overrides) -> DinoVisionTransformer:
-    """Rebuild and strictly load a backbone written by ``save_backbone``."""
+    """Rebuild and strictly load a backbone written by ``save_backbone``, or a Hugging Face Transformers
+    DINOv2 folder (config.json + safetensors, see ``dinov2.hub.transformers``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        from dinov2.hub.transformers import load_hf_backbone
+
+        return load_hf_backbone(path, **overrides)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
