@@ -158,6 +158,14 @@ def run() -> None:
         sys.exit(2)
 
 
+from dinov2.configuration.commands import register as _register_configuration  # noqa: E402
+
+_register_configuration(app)
+
+from dinov2.demo_data.commands import register as _register_demo_data  # noqa: E402
+
+_register_demo_data(app)
+
 from dinov2.curation.commands import register as _register_curation  # noqa: E402
 
 _register_curation(app)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dinov2.data.images import SkippedImages, list_images, try_read_rgb
 from dinov2.data.transforms import make_eval_transform
+from dinov2.demo_data.bundled import photo
 from dinov2.eval.patch_pca import patch_pca_picture
 from dinov2.hub import create, load_backbone, save_backbone, save_timm
 from dinov2.hub.export import count_parameters
@@ -31,9 +32,7 @@ BUNDLED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohist
 
 def bundled_photos() -> list[tuple[str, Image.Image]]:
     """Real photographs that ship inside scikit-image, so the demo needs no download."""
-    import skimage.data
-
-    return [(name, Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in BUNDLED_PHOTOS]
+    return [(name, photo(name)) for name in BUNDLED_PHOTOS]
 
 
 def folder_photos(folder: Path, skipped: SkippedImages) -> list[tuple[str, Image.Image]]:

@@ -11,13 +11,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.launchers import training_arguments
+from flows.launchers import recipe_arguments, training_arguments
 from flows.services import check_tracking_server
 from flows.stages import DINOV2, artifact_key, publish_results, run_json_command, run_stage
 
 
-def distill_arguments(recipe: str, teacher: str, data: str | None, output: str, overrides: list[str]) -> list[str]:
-    return training_arguments(["distill", "--recipe", recipe, "--teacher", teacher], data, output, overrides)
+def distill_arguments(
+    recipe: str | None, teacher: str, data: str | None, output: str, overrides: list[str]
+) -> list[str]:
+    return training_arguments(["distill", *recipe_arguments(recipe), "--teacher", teacher], data, output, overrides)
 
 
 @task(task_run_name="dry-run-{arguments[2]}", cache_policy=NO_CACHE)
@@ -27,7 +29,7 @@ def size_distillation(arguments: list[str]) -> dict[str, Any]:
 
 @flow(name="distill")
 def distill(
-    recipe: str = "distill_cpu_tiny",
+    recipe: str | None = None,
     teacher: str = "outputs/pretrain/teacher",
     data: str | None = None,
     output: str = "outputs/distill",
@@ -36,7 +38,7 @@ def distill(
     retries: int = 2,
 ) -> dict[str, Any]:
     """Distil the frozen ``teacher`` (a pretraining run's teacher/ folder) into the students of ``recipe``
-    on ``data``; the final students land in ``output``/students/<name>/backbone.safetensors."""
+    (default: params.yaml's) on ``data``; the final students land in ``output``/students/<name>/backbone.safetensors."""
     if not dry_run and not data:
         raise ValueError("data is required to distill: an image folder or a Parquet manifest (or set dry_run)")
     check_tracking_server()
@@ -45,7 +47,7 @@ def distill(
         plan = size_distillation(arguments)
         create_markdown_artifact(
             "\n".join([f"# Distillation plan: {recipe}", "", "```json", json.dumps(plan, indent=2), "```"]),
-            key=artifact_key("distill", "plan", recipe),
+            key=artifact_key("distill", "plan", recipe or "params"),
             description=f"distillation plan for {recipe}",
         )
         return plan

@@ -75,14 +75,19 @@ def training_arguments(command: list[str], data: str | None, output: str, overri
     return arguments
 
 
-def pretrain_arguments(recipe: str, data: str | None, output: str, overrides: list[str]) -> list[str]:
-    return training_arguments(["pretrain", "--recipe", recipe], data, output, overrides)
+def recipe_arguments(recipe: str | None) -> list[str]:
+    """``--recipe NAME``, or, without a name, the recipe and changes of the checkout's params.yaml."""
+    return ["--recipe", recipe] if recipe else ["--params", "params.yaml"]
 
 
-def job_name(recipe: str, flow_run_id: str | None) -> str:
+def pretrain_arguments(recipe: str | None, data: str | None, output: str, overrides: list[str]) -> list[str]:
+    return training_arguments(["pretrain", *recipe_arguments(recipe)], data, output, overrides)
+
+
+def job_name(recipe: str | None, flow_run_id: str | None) -> str:
     """A Slurm / Kubernetes job name: lowercase, dashes, at most 63 characters, stable over retries."""
     suffix = (flow_run_id or "manual")[:8]
-    name = "".join(c if c.isalnum() else "-" for c in f"dinov2-{recipe}-{suffix}".lower())
+    name = "".join(c if c.isalnum() else "-" for c in f"dinov2-{recipe or 'params'}-{suffix}".lower())
     return name[:63].strip("-")
 
 

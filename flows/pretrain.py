@@ -93,7 +93,7 @@ def launch_run(launch: LaunchPlan, cluster: ClusterSettings) -> None:
 
 @flow(name="pretrain")
 def pretrain(
-    recipe: str = "cpu_tiny",
+    recipe: str | None = None,
     data: str | None = None,
     output: str = "outputs/pretrain",
     overrides: list[str] | None = None,
@@ -105,7 +105,8 @@ def pretrain(
     retries: int = 2,
     retry_delay_seconds: float = 30,
 ) -> dict[str, Any]:
-    """DINOv2 pretraining of ``recipe`` on ``data`` into ``output`` (resumes from its checkpoints).
+    """DINOv2 pretraining of ``recipe`` (default: params.yaml's) on ``data`` into ``output`` (resumes from its
+    checkpoints).
 
     ``overrides`` are recipe overrides (``optim.epochs=20``); ``launcher`` and ``nodes`` x
     ``gpus_per_node`` say where it runs, ``cluster`` the scheduler settings; ``retries`` how often a
@@ -125,7 +126,7 @@ def pretrain(
     if dry_run:
         create_markdown_artifact(
             plan_markdown(plan, launch, nodes, gpus_per_node),
-            key=artifact_key("pretrain", "plan", recipe),
+            key=artifact_key("pretrain", "plan", recipe or "params"),
             description=f"pretraining plan for {recipe} on {launcher}",
         )
         return plan

@@ -4,7 +4,8 @@ import mlflow
 import pytest
 from pydantic import Field
 
-from dinov2.configuration import ConfigError, Section, flatten, load_section, merge, validate
+from dinov2.configuration import ConfigError, Section, flatten, merge, validate
+from dinov2.configuration.params import load_section
 from dinov2.tracking import tracked_run
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dinov2.configuration import PARAMS_SECTIONS
+from dinov2.configuration.params import SECTIONS
 
 KNOWN = "known sections: prepare, descriptor, embed, dedup, retrieve, pretrain, distill, evaluate, report"
 
@@ -22,7 +22,7 @@ def only_the_params_file_is_left(folder: Path, params: str = "params.yaml") -> b
 
 
 def test_the_known_sections_are_the_pipeline_stages():
-    assert PARAMS_SECTIONS == (
+    assert SECTIONS == (
         "prepare",
         "descriptor",
         "embed",

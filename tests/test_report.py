@@ -20,16 +20,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinov2.cli import app
-from dinov2.curation import stages
-from dinov2.curation.default_data import build_default_data, score_curation
-from dinov2.curation.params import DedupParams, DefaultData, EmbedParams, RetrieveParams
+from dinov2.configuration.curation import DedupParams, DefaultData, EmbedParams, RetrieveParams
+from dinov2.configuration.evaluation import EvaluateParams
+from dinov2.configuration.report import ReportParams
+from dinov2.curation.dedup import dedup as run_dedup
+from dinov2.curation.embed import embed as run_embed
+from dinov2.curation.retrieval import retrieve as run_retrieve
+from dinov2.demo_data.build import build_default_data
+from dinov2.demo_data.ground_truth import score_curation
 from dinov2.eval.features import model_fingerprint
-from dinov2.eval.params import EvaluateParams
 from dinov2.eval.report import write_metrics_json, write_report
 from dinov2.eval.suite import Backbone, load_evaluated_backbone, run_suite
 from dinov2.models import DinoVisionTransformer
 from dinov2.report.inputs import EvaluationInput, ReportInputs
-from dinov2.report.params import ReportParams
 from dinov2.report.sections import build_page, choose_groups, split_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +56,12 @@ def curation(tmp_path_factory) -> dict[str, Path]:
     build_default_data(root / "prepare", DefaultData(**SMALL))
     embed = EmbedParams(num_workers=0, device="cpu")
     for name in ("pool", "seed", "eval_test"):
-        stages.embed(root / "prepare" / "manifests" / name / "manifest.parquet", root / "embeddings" / name, embed)
+        run_embed(root / "prepare" / "manifests" / name / "manifest.parquet", root / "embeddings" / name, embed)
     # Looser than the default thresholds, so that this pool has found copies and wrong merges to draw.
     dedup = DedupParams(k=8, self_threshold=0.98, relative_threshold=0.95)
-    stages.dedup(root / "embeddings" / "pool", [root / "embeddings" / "eval_test"], root / "dedup", dedup)
+    run_dedup(root / "embeddings" / "pool", [root / "embeddings" / "eval_test"], root / "dedup", dedup)
     seeds = [root / "embeddings" / "seed"]
-    stages.retrieve(root / "embeddings" / "pool", root / "dedup" / "kept.parquet", seeds, root / "retrieve",
+    run_retrieve(root / "embeddings" / "pool", root / "dedup" / "kept.parquet", seeds, root / "retrieve",
                     RetrieveParams(n_clusters=4))  # fmt: skip
     return {name: root / name for name in ("prepare", "dedup", "retrieve")}
 

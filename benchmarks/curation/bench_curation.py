@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinov2.configuration.curation import IndexParams
 from dinov2.curation.dedup import self_dedup
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.index import faiss_gpus, plan_index
@@ -71,11 +72,12 @@ def main() -> None:
         copies = n // 100
         cosines = np.einsum("ij,ij->i", vectors[:copies], vectors[n - copies :])
         start = time.perf_counter()
-        result = self_dedup(vectors, k=args.k, threshold=0.6, nprobe=args.nprobe)
+        index = IndexParams() if args.nprobe is None else IndexParams(nprobe=args.nprobe)
+        result = self_dedup(vectors, k=args.k, threshold=0.6, index=index)
         seconds = time.perf_counter() - start
         found = result.labels[n - copies :] == result.labels[:copies]
         unrelated_removed = int((~result.keep[copies : n - copies]).sum())
-        plan = plan_index(n, args.dim, nprobe=args.nprobe)
+        plan = plan_index(n, args.dim, index)
         print(
             f"N={n:,} d={args.dim} k={args.k} index={plan}: k-NN + dedup {seconds:.1f} s, "
             f"copy cosines {cosines.min():.3f}..{cosines.max():.3f}, "

@@ -36,19 +36,16 @@ import torch
 import yaml
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from dinov2.atomic import write_table
 from dinov2.configuration import validate
-from dinov2.curation.descriptors import COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.configuration.curation import DescriptorParams
+from dinov2.copydetect.calibration import calibrate
+from dinov2.copydetect.copy_descriptor import COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.copydetect.edits import apply_edits, crop_fraction, draw_edits, jpeg_recompressed
+from dinov2.copydetect.stage import calibration_copies, held_out_rows, train_descriptor
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.embeddings import embed_manifest, load_embeddings
-from dinov2.curation.manifest import build_manifest, read_manifest, write_table_atomically
-from dinov2.curation.params import DescriptorParams
-from dinov2.curation.trained_descriptor.calibration import calibrate
-from dinov2.curation.trained_descriptor.copy_edits import (
-    calibration_copy,
-    crop_fraction,
-    jpeg_recompressed,
-)
-from dinov2.curation.trained_descriptor.stage import calibration_copies, held_out_rows, train_descriptor
+from dinov2.curation.manifest import build_manifest, read_manifest
 from dinov2.curation.views import expand, parse_views
 from dinov2.data.fashion_mnist import load_fashion_mnist
 
@@ -100,6 +97,11 @@ def padded(fraction: float) -> Edit:
     return edit
 
 
+def strength_copy(image: Image.Image, rng: np.random.Generator, strength: str) -> Image.Image:
+    """A copy at one of the calibration strengths of ``descriptor.calibration.copies``."""
+    return apply_edits(image, draw_edits(rng, image.size, DescriptorParams().calibration.copies[strength]))
+
+
 CELLS: dict[str, Edit] = {
     "crop 0.9": cropped(0.9),
     "crop 0.8": cropped(0.8),
@@ -119,8 +121,8 @@ CELLS: dict[str, Edit] = {
     "overlay 0.35": overlaid(0.35),
     "padding 0.1": padded(0.1),
     "padding 0.2": padded(0.2),
-    "planted (prepare-default)": lambda image, rng: calibration_copy(image, rng, "planted"),
-    "goal: crop 0.7 + rotate 12 + colour + jpeg 50": lambda image, rng: calibration_copy(image, rng, "strong"),
+    "planted (prepare-default)": lambda image, rng: strength_copy(image, rng, "planted"),
+    "goal: crop 0.7 + rotate 12 + colour + jpeg 50": lambda image, rng: strength_copy(image, rng, "strong"),
 }
 GOAL_CELL = "goal: crop 0.7 + rotate 12 + colour + jpeg 50"
 
@@ -239,7 +241,7 @@ def calibrated_thresholds(describe_all, images: list, paths: list[str], params: 
     """The thresholds ``train_descriptor``'s calibration gives another descriptor: same rows, copies, targets."""
     held_out, training = held_out_rows(params.calibration.images, len(paths), params.seed)
     originals = [images[i] for i in held_out]
-    copies, strengths = calibration_copies(originals, params.seed)
+    copies, strengths = calibration_copies(originals, params.seed, params.calibration.copies)
     pool = [images[i] for i in training[: params.calibration.pool_images]]
     result = calibrate(
         describe_all(originals),
@@ -265,7 +267,7 @@ def run(dataset: str, args, params: DescriptorParams, work: Path) -> dict:
     for index, image in enumerate(images):
         image.save(folder / f"{index:06d}.png")
     built = build_manifest(folder, dataset, "pool")
-    manifest = write_table_atomically(built.table, work / dataset / "manifest.parquet")
+    manifest = write_table(built.table, work / dataset / "manifest.parquet")
     paths = read_manifest(manifest).column("path").to_pylist()
     # Manifest row r is image order[r]; an exact copy of another file (a mirrored symmetric image) is collapsed.
     order = [int(Path(path).stem) for path in paths]
@@ -276,7 +278,7 @@ def run(dataset: str, args, params: DescriptorParams, work: Path) -> dict:
 
     started = time.perf_counter()
     descriptor_folder = work / dataset / "descriptor"
-    metrics = train_descriptor(manifest, descriptor_folder, params)
+    metrics = train_descriptor(paths, str(manifest), descriptor_folder, params)
     train_seconds = time.perf_counter() - started
     trained = build_embedder(f"descriptor:{descriptor_folder}", device="cpu")
     meta = json.loads((descriptor_folder / "descriptor.json").read_text())
@@ -308,7 +310,9 @@ def run(dataset: str, args, params: DescriptorParams, work: Path) -> dict:
     throughput = {}
     torch.set_num_threads(2)
     started = time.perf_counter()
-    summary = embed_manifest(manifest, work / dataset / "embedded", trained, batch_size=256, num_workers=2)
+    summary = embed_manifest(
+        manifest, work / dataset / "embedded", trained, batch_size=256, shard_size=10_000, num_workers=2
+    )
     throughput["embed_manifest, 2 workers"] = summary["embedded"] / (time.perf_counter() - started)
     load_embeddings(work / dataset / "embedded")
     started = time.perf_counter()

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinov2.curation.default_data import DISTRACTOR_PHOTOS, distractor_photo, mnist_digits
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.retrieval import assign_to_centroids, cluster_based, cluster_pool, sample_based
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from dinov2.demo_data.bundled import DISTRACTOR_PHOTOS, distractor_photo, mnist_digits
 
 CONCEPT, OTHER, DISTRACTOR = 0, 1, 2
 

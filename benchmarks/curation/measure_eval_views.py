@@ -11,19 +11,21 @@ many copies escape and how many of the 2,700 unrelated images are removed.
 
 import argparse
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from dinov2.copydetect.copy_descriptor import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.copydetect.edits import WEB_COPIES, apply_edits, centred, web_copy
 from dinov2.curation.dedup import relative_dedup
-from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
 from dinov2.curation.views import expand, parse_views
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "curation"))
-from copy_edits import COPY_EDITS, cropped  # noqa: E402  (the planted copies the tests use)
+
+def cropped(image: Image.Image, kept: float) -> Image.Image:
+    return apply_edits(image, [centred("trim", image.size, kept)])
+
 
 VIEW_SETS = [
     [],
@@ -66,11 +68,11 @@ def main() -> None:
     random.Random(0).shuffle(files)
     originals = [Image.open(path).convert("RGB") for path in files[:3000]]
     evaluation = describe(originals[:300])
-    copies = describe([edit(image) for image in originals[:300] for edit in COPY_EDITS.values()])
+    copies = describe([web_copy(image, name) for image in originals[:300] for name in WEB_COPIES])
     pool = np.concatenate([describe(originals[300:]), copies])
     extra = {name: describe([edit(image) for image in originals[:300]]) for name, edit in EXTRA_CROPS.items()}
     threshold = COPY_DESCRIPTOR_THRESHOLDS["relative"]
-    print(f"relative threshold {threshold}; copies escaping (of 300) per planted edit {list(COPY_EDITS)}")
+    print(f"relative threshold {threshold}; copies escaping (of 300) per planted edit {list(WEB_COPIES)}")
     for names in VIEW_SETS:
         views = parse_views(names)
         views_of_eval = describe([view for image in originals[:300] for view in expand(image, views)])

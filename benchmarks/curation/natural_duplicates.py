@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dinov2.curation.default_data import Edit  # noqa: E402
+from dinov2.copydetect.edits import Edit  # noqa: E402
 from dinov2.curation.embeddings import load_embeddings  # noqa: E402
 
 RECALLS = (0.8, 0.9, 0.95)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dinov2.configuration.evaluation import EvaluateParams
 from dinov2.eval.features import model_fingerprint
-from dinov2.eval.params import EvaluateParams
 from dinov2.eval.suite import Backbone, load_evaluated_backbone, run_suite
 from dinov2.models import DinoVisionTransformer
 

@@ -22,16 +22,17 @@ import time
 
 import torch
 
+from dinov2.configuration.recipes import load_recipe
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.train.clipping import clip_per_module
-from dinov2.train.config import load_recipe
 from dinov2.train.distributed import init_distributed
 from dinov2.train.dry_run import budget
+from dinov2.train.engine import initialize_engine, peak_memory_gib, precision_mode
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import update_emas
-from dinov2.train.train import initialize_engine, make_collate, peak_memory_gib, precision_mode
+from dinov2.train.train import make_collate
 
 # dense bf16 peaks, TFLOP/s
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

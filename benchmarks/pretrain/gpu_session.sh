@@ -3,7 +3,7 @@
 # the GPU tests, the step benchmark (ViT-L/14 at 32 and ViT-g/14 at 12 images, ZeRO-2 and ZeRO-3, DeepSpeed's
 # bf16 and bf16 autocast, compiled blocks), when given, a peer benchmark at the same sizes and, when given
 # a CIFAR-10 tarball (`cifar10/{train,test}/<class>/*.jpg`), a learning curve of the one-GPU CIFAR recipe
-# (configs/train/cifar_vits16_gpu.yaml) for a few minutes, MLflow tracking off (DINOV2_TRACKING=off).
+# (configs/recipes/cifar_vits16_gpu.yaml) for a few minutes, MLflow tracking off (DINOV2_TRACKING=off).
 #
 #   bash benchmarks/pretrain/gpu_session.sh [--dry] [--peer SCRIPT] [--budget SECONDS]
 #       [--cifar TARBALL] [--cifar-minutes MINUTES] [--cifar-iterations N] [--cifar-only]
@@ -152,7 +152,7 @@ cifar_curve() {  # the one-GPU CIFAR recipe's learning curve, training stopped a
     rm -rf "$data" "$OUT/cifar_curve"
     mkdir -p "$data"
     tar -xzf "$CIFAR" -C "$data" || { echo "cifar: could not unpack $CIFAR" >&2; return 0; }
-    local recipe=configs/train/cifar_vits16_gpu.yaml minutes="$CIFAR_MINUTES" iterations="$CIFAR_ITERATIONS"
+    local recipe=configs/recipes/cifar_vits16_gpu.yaml minutes="$CIFAR_MINUTES" iterations="$CIFAR_ITERATIONS"
     local every=100 extra=()
     if [ "$DRY" = 1 ]; then
         recipe=cpu_tiny minutes=1 iterations=4 every=2

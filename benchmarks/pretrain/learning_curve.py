@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from dinov2.train.config import Recipe, load_recipe
+from dinov2.configuration.recipes import Recipe, load_recipe
 
 TAIL_ITERATIONS = 20  # collapse statistics are averaged over the last iterations of the run
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="cpu_tiny", help="recipe name in configs/train/ or a .yaml path")
+    parser.add_argument("--recipe", default="cpu_tiny", help="recipe name in configs/recipes/ or a .yaml path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override section.key=v")
     parser.add_argument("--data", type=Path, help="image folder to pretrain on")
     parser.add_argument("--knn-data", type=Path, help="ImageFolder root with train/ and test/ class folders")
@@ -124,7 +124,7 @@ def pixel_knn(root: Path, recipe: Recipe) -> float:
     evaluation = recipe.evaluation
 
     def pixels(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # the class-strided slice the engine's kNN takes (dinov2.train.train.backbone_knn)
+        # the class-strided slice the engine's kNN takes (dinov2.train.monitoring.backbone_knn)
         dataset = LabelledImageFolder(root / split, transform=transform)
         stride = max(len(dataset) // limit, 1)
         subset = torch.utils.data.Subset(dataset, list(range(0, len(dataset), stride))[:limit])
@@ -166,7 +166,7 @@ def collapse_statistics(history: list[dict[str, float]], recipe: Recipe) -> dict
 
 def curve_rows(run: Path, root: Path, recipe: Recipe, start: float) -> list[dict[str, float]]:
     from dinov2.hub import load_backbone
-    from dinov2.train.train import backbone_knn
+    from dinov2.train.monitoring import backbone_knn
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []

@@ -1,7 +1,9 @@
-"""Typed, validated configuration: params.yaml sections and recipes (a default plus small YAML deltas).
+"""Typed, validated configuration: every schema and default of the project, in one package.
 
-Every schema derives from ``Section``, which refuses unknown keys, so a typo fails before any compute
-with an error that names the key and the file.
+``params`` (params.yaml, a section per stage), ``recipes`` (training runs), ``curation``, ``evaluation``,
+``report`` (the stages' sections) and ``settings`` (the environment). Every schema derives from
+``Section``, which refuses unknown keys, so a typo fails before any compute with an error that names the
+key and the file.
 """
 
 import copy
@@ -67,27 +69,6 @@ def validate(schema: type[SectionT], data: Mapping[str, Any], source: str) -> Se
         return schema.model_validate(dict(data))
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
-
-
-# The sections of params.yaml: one per DVC stage.
-PARAMS_SECTIONS = ("prepare", "descriptor", "embed", "dedup", "retrieve", "pretrain", "distill", "evaluate", "report")
-
-
-def read_params(path: str | Path) -> dict[str, Any]:
-    """A params.yaml-style file, checked as a whole: it exists and names only known sections."""
-    data = read_yaml(path)
-    unknown = [name for name in data if name not in PARAMS_SECTIONS]
-    if unknown:
-        names = ", ".join(f"'{name}'" for name in unknown)
-        plural = "s" if len(unknown) > 1 else ""
-        raise ConfigError(f"{path}: unknown section{plural} {names}; known sections: {', '.join(PARAMS_SECTIONS)}")
-    return data
-
-
-def load_section(path: str | Path, section: str, schema: type[SectionT]) -> SectionT:
-    """One section of a params.yaml-style file, validated (a missing section means all defaults)."""
-    data = read_params(path)
-    return validate(schema, data.get(section) or {}, f"{path} [{section}]")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

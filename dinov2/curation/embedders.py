@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dinov2.curation.descriptors import (
+from dinov2.copydetect.copy_descriptor import (
     COPY_DESCRIPTOR_DIM,
     COPY_DESCRIPTOR_SETTINGS,
     COPY_DESCRIPTOR_THRESHOLDS,
     copy_descriptor,
 )
+from dinov2.curation.embeddings import embedder_name
 from dinov2.data.transforms import make_eval_transform
 
 # The paper's cosine thresholds for copy-detection embeddings (SSCD): self-dedup 0.6, relative 0.45. They
@@ -172,7 +173,7 @@ class BackboneEmbedder:
 
 def trained_descriptor_embedder(model: str, device: str) -> BackboneEmbedder:
     """``descriptor:<folder>``: its network, input size and the thresholds calibrated for it when trained."""
-    from dinov2.curation.trained_descriptor.model import read_descriptor, to_input
+    from dinov2.copydetect.network import read_descriptor, to_input
 
     network, meta = read_descriptor(model.removeprefix("descriptor:"))
     size = network.architecture.input_size
@@ -201,7 +202,7 @@ def sscd_embedder(model: str, device: str) -> BackboneEmbedder:
     """``sscd:<path or URL>``: SSCD inputs are 320 x 320 and ImageNet-normalised; the dedup thresholds are the
     paper's, which it measured with SSCD (SSCD's own documentation puts cosine 0.75 at about 90% precision on
     DISC21 pairs for sscd_disc_mixup: ``embed.calibrated_thresholds`` sets stricter values)."""
-    from dinov2.curation.trained_descriptor.model import to_input
+    from dinov2.copydetect.network import to_input
 
     path = sscd_file(model.removeprefix("sscd:"))
     try:
@@ -219,11 +220,6 @@ def sscd_embedder(model: str, device: str) -> BackboneEmbedder:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def embedder_name(model: str) -> str:
-    """The ``embedder`` that embeddings of ``model`` (an ``embed.model`` value) record in embeddings.json."""
-    return Path(model).name if model.endswith(".safetensors") else model
 
 
 def build_embedder(model: str, weights: str | None = None, crop_size: int = 224, device: str | None = None) -> Embedder:

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,10 +40,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov2.curation.embedders import Embedder
-from dinov2.curation.manifest import UNREADABLE_SCHEMA, ManifestError, read_manifest, write_table_atomically
+from dinov2.atomic import write_json, write_table
+from dinov2.configuration.curation import DEFAULT_MAX_PIXELS
+from dinov2.curation.manifest import UNREADABLE_SCHEMA, ManifestError, read_manifest
 from dinov2.curation.views import View, expand, parse_views, views_per_image
-from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, try_read_rgb
+from dinov2.data.images import SkippedImages, try_read_rgb
+
+if TYPE_CHECKING:
+    from dinov2.curation.embedders import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +122,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _write_json(data, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def _drop_shards_of_another_setup(out: Path, manifest: pa.Table, views: list[str], model: dict[str, str]) -> None:
@@ -257,7 +256,7 @@ class _ShardWriter:
 
 
 def _embed_shards(
-    embedder: Embedder,
+    embedder: "Embedder",
     paths: list[str],
     folder: Path,
     shards: list[int],
@@ -308,9 +307,9 @@ def _embed_shards(
 def embed_manifest(
     manifest_path: str | Path,
     out: str | Path,
-    embedder: Embedder,
-    batch_size: int = 64,
-    shard_size: int = 10_000,
+    embedder: "Embedder",
+    batch_size: int,
+    shard_size: int,
     views: list[str] | None = None,
     num_workers: int = 0,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -338,9 +337,9 @@ def embed_manifest(
         model = {"embedder": embedder.name, "fingerprint": embedder.fingerprint}
         _drop_shards_of_another_setup(out, manifest, view_names, model)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        write_table_atomically(manifest, out / "manifest.parquet")
-        _write_json(view_names, out / "views.json")
-        _write_json(model, out / "model.json")
+        write_table(manifest, out / "manifest.parquet")
+        write_json(view_names, out / "views.json", sort_keys=False)
+        write_json(model, out / "model.json", sort_keys=False)
     if world > 1:
         dist.barrier()
     paths = manifest.column("path").to_pylist()
@@ -367,7 +366,7 @@ def embed_manifest(
         summary["embedded"] = counted
         summary["unreadable"] = len(paths) - counted
         skipped = [pq.read_table(skipped_path(out, shard)) for shard in range(n_shards)]
-        write_table_atomically(pa.concat_tables(skipped), out / "unreadable.parquet")
+        write_table(pa.concat_tables(skipped), out / "unreadable.parquet")
         meta = {
             "embedder": embedder.name,
             "fingerprint": embedder.fingerprint,
@@ -380,7 +379,7 @@ def embed_manifest(
             "views": view_names,
             **{key: summary[key] for key in ("images", "embedded", "unreadable")},
         }
-        _write_json(meta, meta_path)
+        write_json(meta, meta_path, sort_keys=False)
     logger.info("embedded %d images at %.1f img/s", embedded, summary["images_per_second"])
     return summary
 
@@ -456,3 +455,8 @@ def check_same_model(reference: EmbeddingSet, other: EmbeddingSet) -> None:
             f"{reference.folder} {reference.dim}-d embeddings of {reference.embedder} ({reference.fingerprint}): "
             "embed every set with the same model"
         )
+
+
+def embedder_name(model: str) -> str:
+    """The ``embedder`` that embeddings of ``model`` (an ``embed.model`` value) record in embeddings.json."""
+    return Path(model).name if model.endswith(".safetensors") else model

@@ -1,13 +1,13 @@
 """One small wrapper around faiss for inner-product (cosine on unit vectors) nearest-neighbour search.
 
-- ``flat``: exact ``IndexFlatIP``; the default up to ``EXACT_LIMIT`` vectors.
+Settings: ``IndexParams`` (``dedup.index``, ``retrieve.index``).
+
+- ``flat``: exact ``IndexFlatIP``; the default up to ``exact_limit`` vectors.
 - ``ivfpq``: ``IndexIVFPQ`` for large pools, PQ with about d/4 sub-quantisers of 8 bits. Dedup searches
   the whole pool against itself, so a query costs nlist * d (coarse assignment) + nprobe * (n / nlist) * m
   (code scan). nlist = 2 sqrt(n) keeps both terms O(sqrt(n)) and the coarse k-means cheap: it is trained
-  on a sample of 64 points per list (faiss needs 39), 128k vectors at n = 10^6. nprobe = 64 is measured
-  (benchmarks/curation/README.md): on unclustered vectors at 10^6 it finds 97% of planted copies whose
-  cosine is barely above the threshold (16 probes: 83%, in 40% less time), and every copy at cosine 0.99.
-  All chosen from the pool size unless given.
+  on a sample of ``training_points_per_list`` points per list (faiss needs 39). The default nprobe is
+  measured in ``benchmarks/curation/README.md`` (recall of near-threshold copies against time).
 - Placement: faiss GPU indexes (sharded over every GPU) when faiss was built with GPU support and a
   GPU is present; otherwise, for the exact index on a CUDA device, a chunked torch matmul + top-k;
   otherwise faiss on the CPU.
@@ -23,13 +23,9 @@ import faiss
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from dinov2.configuration.curation import IndexParams
 
-EXACT_LIMIT = 200_000
-DEFAULT_NPROBE = 64
-TRAINING_POINTS_PER_LIST = 64
-IndexKind = Literal["auto", "flat", "ivfpq"]
-Placement = Literal["auto", "cpu", "gpu"]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,18 +36,15 @@ class IndexPlan:
     nprobe: int = 0
 
 
-def plan_index(
-    n: int, dim: int, kind: IndexKind = "auto", nlist: int | None = None, nprobe: int | None = None
-) -> IndexPlan:
+def plan_index(n: int, dim: int, settings: IndexParams | None = None, nlist: int | None = None) -> IndexPlan:
     """Index parameters from the pool size (n vectors of dimension dim)."""
-    if kind == "flat" or (kind == "auto" and n <= EXACT_LIMIT):
+    settings = settings or IndexParams()
+    if settings.kind == "flat" or (settings.kind == "auto" and n <= settings.exact_limit):
         return IndexPlan("flat")
-    if kind not in ("auto", "ivfpq"):
-        raise ValueError(f"unknown index kind {kind!r}; expected auto, flat or ivfpq")
     # faiss wants at least 39 training points per centroid.
     lists = nlist or max(1, min(int(2 * math.sqrt(n)), n // 39))
     subquantizers = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-    return IndexPlan("ivfpq", lists, subquantizers, nprobe or min(lists, DEFAULT_NPROBE))
+    return IndexPlan("ivfpq", lists, subquantizers, min(lists, settings.nprobe))
 
 
 def faiss_gpus() -> int:
@@ -73,19 +66,15 @@ class VectorIndex:
     """Build once over a pool, then ``search(queries, k)`` -> (similarities, pool row numbers)."""
 
     def __init__(
-        self,
-        vectors: np.ndarray,
-        kind: IndexKind = "auto",
-        placement: Placement = "auto",
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        seed: int = 0,
+        self, vectors: np.ndarray, settings: IndexParams | None = None, nlist: int | None = None, seed: int = 0
     ):
         self.vectors = check_vectors(vectors, "pool vectors")
         n, self.dim = self.vectors.shape
         if n == 0:
             raise ValueError("cannot index an empty pool")
-        self.plan = plan_index(n, self.dim, kind, nlist, nprobe)
+        self.settings = settings = settings or IndexParams()
+        self.plan = plan_index(n, self.dim, settings, nlist)
+        placement = settings.placement
         use_gpu = placement == "gpu" or (placement == "auto" and (faiss_gpus() > 0 or torch.cuda.is_available()))
         if placement == "gpu" and not (faiss_gpus() > 0 or torch.cuda.is_available()):
             raise ValueError("placement 'gpu' asked for, but there is no GPU")
@@ -115,7 +104,7 @@ class VectorIndex:
                 quantizer, self.dim, self.plan.nlist, self.plan.pq_subquantizers, 8, faiss.METRIC_INNER_PRODUCT
             )
             index.cp.seed = seed
-            size = min(len(self.vectors), self.plan.nlist * TRAINING_POINTS_PER_LIST)
+            size = min(len(self.vectors), self.plan.nlist * self.settings.training_points_per_list)
             sample = np.random.default_rng(seed).choice(len(self.vectors), size=size, replace=False)
             started = time.perf_counter()
             index.train(self.vectors[np.sort(sample)])

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from dinov2.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, SkippedImages, image_size, scan_images, try_read_rgb
+from dinov2.atomic import output_folder, write_json, write_table
+from dinov2.configuration.curation import DEFAULT_MAX_PIXELS, PrepareParams
+from dinov2.data.images import IMAGE_SUFFIXES, SkippedImages, image_size, scan_images, try_read_rgb
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -113,19 +115,6 @@ def build_manifest(
     return BuiltManifest(pa.table(rows, schema=MANIFEST_SCHEMA), unreadable, duplicates, entries)
 
 
-def write_table_atomically(table: pa.Table, path: str | Path) -> Path:
-    """Parquet under a temporary name, renamed when complete: never a half-written table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        pq.write_table(table, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
 def read_manifest(path: str | Path, check_files: bool = True) -> pa.Table:
     """A manifest, validated: the expected columns, unique ids, and (by default) every file present."""
     path = Path(path)
@@ -155,3 +144,15 @@ def read_manifest(path: str | Path, check_files: bool = True) -> pa.Table:
 def open_image(path: str) -> Image.Image | None:
     """An image for a report grid; None when it can no longer be read."""
     return try_read_rgb(path, SkippedImages(), DEFAULT_MAX_PIXELS)
+
+
+def prepare(images: Path, source: str, split: str, out: Path, params: PrepareParams) -> dict:
+    built = build_manifest(
+        images, source, split, labels_from_folders=params.labels_from_folders, max_pixels=params.max_pixels
+    )
+    with output_folder(out, ("plots",)) as folder:
+        write_table(built.table, folder / "manifest.parquet")
+        write_table(built.unreadable, folder / "unreadable.parquet")
+        metrics = {f"prepare/{key}": value for key, value in built.counts().items()}
+        write_json(metrics, folder / "metrics.json")
+    return metrics

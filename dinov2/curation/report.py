@@ -1,7 +1,5 @@
 """What a person looks at after a curation stage: counts (DVC metrics), PNG grids and cluster shares (DVC plots)."""
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,10 +44,3 @@ def cluster_share_plot(counts: Mapping[str, np.ndarray], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
-
-
-def write_json(data: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)

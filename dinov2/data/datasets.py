@@ -5,7 +5,7 @@ truncated, not an image): the file is logged and counted in `dataset.skipped`, a
 loader replaces it by another image and reports it as "n_skipped", so one bad JPEG never stops a run.
 With DataLoader workers each worker counts in its own copy of the dataset; "n_skipped" of the
 batches is the count that reaches the training process. Images are read as the curation stages read
-them (``dinov2.data.images.read_rgb``): a JPEG over ``DEFAULT_MAX_PIXELS`` (40 megapixels) is decoded
+them (``dinov2.data.images.read_rgb``): a JPEG over ``DEFAULT_MAX_PIXELS`` is decoded
 at 1/2, 1/4 or 1/8 scale, any other image over it skipped, so one huge file cannot exhaust a worker.
 A manifest is read through Arrow, never as one Python object per image (``ManifestDataset``), so it
 scales to the 10^8 images of LVD-142M.
@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from dinov2.data.images import DEFAULT_MAX_PIXELS, SkippedImages, list_images, try_read_rgb
+from dinov2.configuration.curation import DEFAULT_MAX_PIXELS
+from dinov2.data.images import SkippedImages, list_images, try_read_rgb
 
 UNLABELED = -1
 # Rows per record batch of a manifest index: 2^18 paths of ~100 bytes keep Arrow's 32-bit string

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Default pixel limit of the curation stages: well below Pillow's decompression-bomb limit (89.5
 # megapixels warns, 179 refuses), far above a 24-megapixel camera photo.
-DEFAULT_MAX_PIXELS = 40_000_000
 # JPEG decoders can scale by 1/2, 1/4 and 1/8 while decoding (Image.draft), never holding the full image.
 _JPEG_DRAFT_SCALES = (2, 4, 8)
 BACKGROUND = (255, 255, 255)

@@ -5,39 +5,36 @@ from pathlib import Path
 
 import typer
 
+from dinov2.options import OVERRIDES, PARAMS, RECIPE
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def distill(
-        recipe: str | None = typer.Option(
-            None, help="Distillation recipe in configs/train/ or a .yaml path [default: params' or distill_cpu_tiny]."
-        ),
-        params: Path | None = typer.Option(
-            None, help="params.yaml whose `distill` section (recipe: NAME + recipe keys) configures the run."
-        ),
+        recipe: str | None = RECIPE,
+        params: Path | None = PARAMS,
         teacher: str | None = typer.Option(
             None, help="Teacher: a run's teacher/ folder, a .safetensors backbone, a hub name or a .pth path/URL."
         ),
         teacher_weights: str | None = typer.Option(None, help="For a hub-name teacher: checkpoint path/URL."),
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to distil on."),
         output: Path = typer.Option(Path("outputs/distill"), help="Run folder: checkpoints, students, metrics."),
-        override: list[str] = typer.Option([], "--set", help="Recipe override, e.g. --set optim.epochs=20."),
+        override: list[str] = OVERRIDES,
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for kNN."),
         dry_run: bool = typer.Option(False, help="Size teacher + students (params, FLOPs, memory per GPU)."),
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """Distil a frozen teacher (with its DINO/iBOT heads, fitted first if it has none) into smaller ViTs."""
-        from dinov2.distill.config import DistillRecipe
+        from dinov2.configuration.params import training_recipe
         from dinov2.train.commands import finish_training, print_dry_run
-        from dinov2.train.config import recipe_from_params
 
         overrides = list(override)
         if teacher is not None:
             overrides.append(f"distillation.teacher={json.dumps(teacher)}")
         if teacher_weights is not None:
             overrides.append(f"distillation.teacher_weights={json.dumps(teacher_weights)}")
-        resolved = recipe_from_params(params, "distill", recipe, overrides, "distill_cpu_tiny", DistillRecipe)
+        resolved = training_recipe(params, "distill", recipe, overrides)
         if dry_run:
             from dinov2.distill.dry_run import distill_dry_run_report
 

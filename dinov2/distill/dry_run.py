@@ -9,7 +9,7 @@ the teacher whole on every GPU (fp32, outside DeepSpeed), plus the students' act
 
 import torch
 
-from dinov2.distill.config import DistillRecipe
+from dinov2.configuration.recipes import DistillRecipe
 from dinov2.distill.meta_arch import DistillMetaArch
 from dinov2.distill.teacher import HEAD_NAMES, TeacherSpec, inspect_teacher
 from dinov2.models import DinoVisionTransformer
@@ -23,8 +23,8 @@ from dinov2.train.dry_run import (
     head_flops,
     memory_table,
 )
+from dinov2.train.engine import deepspeed_config
 from dinov2.train.ssl_meta_arch import build_heads
-from dinov2.train.train import deepspeed_config
 
 
 def _meta_teacher(recipe: DistillRecipe, spec: TeacherSpec) -> torch.nn.ModuleDict:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dinov2.distill.config import DistillRecipe
+from dinov2.configuration.recipes import DistillRecipe
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.train.collapse import target_statistics

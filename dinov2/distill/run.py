@@ -6,10 +6,9 @@ from datetime import date
 from pathlib import Path
 
 from dinov2.configuration import validate
-from dinov2.distill.config import DistillRecipe
+from dinov2.configuration.recipes import DistillRecipe, Recipe
 from dinov2.distill.meta_arch import DistillMetaArch
 from dinov2.distill.teacher import TeacherError, TeacherSpec, inspect_teacher, load_teacher
-from dinov2.train.config import Recipe
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import RunResult, Tracking, run_training
 

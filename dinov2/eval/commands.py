@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from dinov2.options import PARAMS
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,7 +18,7 @@ def evaluate(
         ..., help="torch.hub name (e.g. dinov2_vits14), a .safetensors file from `dinov2 export`, or raw_pixels."
     ),
     weights: str | None = typer.Option(None, help="Checkpoint for a hub name; random init when omitted."),
-    params: Path = typer.Option(Path("params.yaml"), help="Params file; its `evaluate` section is read."),
+    params: Path | None = PARAMS,
     out: Path = typer.Option(Path("outputs/evaluate"), help="Report folder (replaced when the run completes)."),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="DVC metrics file."),
     register_as: str | None = typer.Option(
@@ -26,13 +28,13 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a frozen backbone: kNN, linear probe, logistic regression, retrieval, dense heads (see params)."""
-    from dinov2.configuration import load_section
-    from dinov2.eval.params import EvaluateParams
+    from dinov2.configuration.params import load_section
     from dinov2.eval.report import mlflow_metrics, write_metrics_json, write_report
     from dinov2.eval.suite import check_inputs, load_evaluated_backbone, run_suite
-    from dinov2.tracking import TRACKING_ENV, register_backbone, tracked_run, tracking_enabled
+    from dinov2.registry import register_backbone
+    from dinov2.tracking import TRACKING_ENV, tracked_run, tracking_enabled
 
-    settings = load_section(params, "evaluate", EvaluateParams)
+    settings = load_section(params, "evaluate")
     if register_as in (None, "none"):
         register_as = None
     elif not tracking_enabled():

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
-
 
 def probe_views(
     n_stored_blocks: int, dim: int, n_last_blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True)
@@ -96,10 +94,10 @@ def linear_probe(
     test_labels: torch.Tensor,
     views: Mapping[str, tuple[int, int]],
     *,
-    learning_rates: Sequence[float] = LEARNING_RATES,
-    epochs: int = 10,
-    batch_size: int = 256,
-    val_fraction: float = 0.1,
+    learning_rates: Sequence[float],
+    epochs: int,
+    batch_size: int,
+    val_fraction: float,
     seed: int = 0,
 ) -> LinearProbeResult:
     """Train every (view, lr) head on train minus a validation split; report the val-best head on test."""

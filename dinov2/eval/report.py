@@ -1,11 +1,10 @@
 """The results of one evaluation run: metrics JSON for DVC, MLflow keys, and a Markdown report with plots."""
 
-import json
 import math
 from pathlib import Path
 
+from dinov2.atomic import write_json
 from dinov2.eval.suite import SuiteResult
-from dinov2.hub.export import write_atomically
 
 
 def mlflow_metrics(result: SuiteResult) -> dict[str, float]:
@@ -17,7 +16,7 @@ def mlflow_metrics(result: SuiteResult) -> dict[str, float]:
 
 def write_metrics_json(result: SuiteResult, backbone: str, path: Path) -> Path:
     payload = {"backbone": backbone, result.dataset: dict(sorted(result.metrics.items()))}
-    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    return write_json(payload, path, sort_keys=False)
 
 
 def _plot_knn(result: SuiteResult, path: Path) -> None:

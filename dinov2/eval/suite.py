@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from dinov2.configuration.evaluation import EvaluateParams
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD, make_eval_transform
 from dinov2.eval import dense
 from dinov2.eval.datasets import LabelledImageFolder, check_same_classes
@@ -27,7 +28,6 @@ from dinov2.eval.features import Extraction, FeatureCache, extract, model_finger
 from dinov2.eval.knn import knn_classify
 from dinov2.eval.linear import linear_probe, probe_views
 from dinov2.eval.logreg import c_grid, logistic_regression
-from dinov2.eval.params import EvaluateParams
 from dinov2.eval.retrieval import retrieval_metrics
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-DEFAULT_PARAMS = Path("params.yaml")
+from dinov2.options import PARAMS
 
 
 def report(
@@ -19,21 +19,16 @@ def report(
         help="NAME=DIR or NAME=DIR:METRICS.json, once per model: a `dinov2 evaluate --out DIR` folder and the file "
         "its --metrics wrote (DIR/metrics.json when omitted). NAME labels the row, e.g. raw_pixels, teacher.",
     ),
-    params: Path | None = typer.Option(
-        None, help="Params file holding the `report` section (default: ./params.yaml if there is one, else defaults)."
-    ),
+    params: Path | None = PARAMS,
 ) -> None:
     """One page (Markdown + self-contained HTML) over every stage's outputs; missing inputs are named on it."""
-    from dinov2.configuration import load_section
+    from dinov2.configuration.params import load_section
     from dinov2.report.inputs import EvaluationInput, ReportInputs
     from dinov2.report.page import write_report
-    from dinov2.report.params import ReportParams
     from dinov2.report.sections import build_page
     from dinov2.tracking import tracked_run
 
-    if params is None and DEFAULT_PARAMS.is_file():
-        params = DEFAULT_PARAMS
-    settings = load_section(params, "report", ReportParams) if params is not None else ReportParams()
+    settings = load_section(params, "report")
     inputs = ReportInputs(
         prepare, dedup, retrieve, pretrain, distill, [EvaluationInput.parse(text) for text in evaluation or []]
     )

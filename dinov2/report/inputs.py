@@ -196,7 +196,7 @@ class Curation:
                 by_group.setdefault(row["representative"], []).append(row)
             groups = [sorted(rows, key=lambda row: not row["kept"]) for rows in by_group.values()]
         if None not in (inputs.prepare, inputs.dedup, inputs.retrieve):
-            from dinov2.curation.default_data import score_curation
+            from dinov2.demo_data.ground_truth import score_curation
 
             scores = score_curation(inputs.prepare / "ground_truth.parquet", inputs.dedup, inputs.retrieve)
         plot = inputs.dedup / "plots" / "duplicate_groups.png" if inputs.dedup is not None else None

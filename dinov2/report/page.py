@@ -7,12 +7,12 @@ nothing else to fetch. Text may hold ``code`` and **bold** spans, rendered in bo
 
 import base64
 import html
-import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dinov2.atomic import output_folder, write_json
 
 FIGURES = "figures"
 
@@ -176,19 +176,10 @@ def render_html(page: Page) -> str:
 def write_report(page: Page, metrics: dict[str, float], out: Path) -> Path:
     """``report.md``, ``report.html``, ``figures/`` and ``metrics.json`` in ``out``, written under
     ``.<out>.partial`` and renamed when complete, so a failed run never leaves a page that looks finished."""
-    out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / FIGURES).mkdir(parents=True)
-    try:
+    with output_folder(out, (FIGURES,)) as partial:
         for picture in page.pictures():
             (partial / FIGURES / f"{picture.name}.png").write_bytes(picture.png)
         (partial / "report.md").write_text(render_markdown(page))
         (partial / "report.html").write_text(render_html(page))
-        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    return out
+        write_json(metrics, partial / "metrics.json")
+    return Path(out)

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dinov2.configuration.report import ReportParams
 from dinov2.report import figures
 from dinov2.report.inputs import Curation, Evaluation, ReportInputs, TrainingRun
 from dinov2.report.page import Gallery, Page, Picture, Section, Table, Text
-from dinov2.report.params import ReportParams
 
 DASH = "\u2014"
 KNN_KEY = "knn_top1_k20"

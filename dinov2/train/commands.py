@@ -7,29 +7,27 @@ from pathlib import Path
 
 import typer
 
+from dinov2.options import OVERRIDES, PARAMS, RECIPE
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def pretrain(
-        recipe: str | None = typer.Option(
-            None, help="Recipe name in configs/train/ (vitg14, ...) or a .yaml path [default: params' or cpu_tiny]."
-        ),
-        params: Path | None = typer.Option(
-            None, help="params.yaml whose `pretrain` section (recipe: NAME + recipe keys) configures the run."
-        ),
+        recipe: str | None = RECIPE,
+        params: Path | None = PARAMS,
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to pretrain on."),
         output: Path = typer.Option(Path("outputs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
-        override: list[str] = typer.Option([], "--set", help="Recipe override, e.g. --set optim.epochs=20."),
+        override: list[str] = OVERRIDES,
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for teacher kNN."),
         dry_run: bool = typer.Option(False, help="Size the recipe (params, FLOPs, memory per GPU) without training."),
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
         """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
-        from dinov2.train.config import Recipe, recipe_from_params
+        from dinov2.configuration.params import training_recipe
         from dinov2.train.train import pretrain as run_pretrain
 
-        resolved = recipe_from_params(params, "pretrain", recipe, override, "cpu_tiny", Recipe)
+        resolved = training_recipe(params, "pretrain", recipe, override)
         if dry_run:
             from dinov2.train.dry_run import dry_run_report
 

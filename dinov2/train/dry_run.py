@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dinov2.configuration.recipes import Recipe
 from dinov2.layers.mlp import swiglu_hidden_dim
-from dinov2.train.config import Recipe
+from dinov2.train.engine import deepspeed_config
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import deepspeed_config
 
 GPU_COUNTS = (1, 8, 16, 32, 64, 96, 128, 256)
 _ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dinov2.train.config import Recipe
+from dinov2.configuration.recipes import Recipe
 
 
 class CosineScheduler:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinov2.configuration.recipes import Recipe, StudentSection
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import DinoVisionTransformer, build_vit
 from dinov2.train.collapse import target_statistics
-from dinov2.train.config import Recipe, StudentSection
 from dinov2.train.param_groups import param_groups
 
 N_GLOBAL_CROPS = 2

@@ -2,19 +2,23 @@
 
 import numpy as np
 import pytest
-from copy_edits import COPY_EDITS, cropped
 from PIL import Image, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
+from dinov2.configuration.curation import EmbedParams, IndexParams
+from dinov2.copydetect.copy_descriptor import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
+from dinov2.copydetect.edits import WEB_COPIES, apply_edits, centred
 from dinov2.curation.components import UnionFind, connected_components
 from dinov2.curation.dedup import relative_dedup, self_dedup
-from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, COPY_DESCRIPTOR_THRESHOLDS, copy_descriptor
 from dinov2.curation.index import VectorIndex, plan_index
 from dinov2.curation.kmeans import balanced_sample, hierarchical_kmeans, split_evenly
-from dinov2.curation.params import EmbedParams
 from dinov2.curation.retrieval import cluster_based, sample_based
 from dinov2.curation.views import expand, parse_views
+
+
+def trimmed(image: Image.Image, kept: float) -> Image.Image:
+    return apply_edits(image, [centred("trim", image.size, kept)])
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -82,32 +86,35 @@ def test_relative_dedup_follows_a_chain_of_copies_to_the_evaluation_image():
 def test_thresholds_outside_zero_one_are_refused():
     vectors = unit(np.eye(4))
     with pytest.raises(ValueError, match=r"cosine similarity in \[0, 1\], got 1.5"):
-        self_dedup(vectors, threshold=1.5)
+        self_dedup(vectors, k=4, threshold=1.5)
     with pytest.raises(ValueError, match=r"got -0.1"):
-        relative_dedup(vectors, [vectors], threshold=-0.1)
+        relative_dedup(vectors, [vectors], k=4, threshold=-0.1)
 
 
 def test_evaluation_embeddings_of_another_dimension_are_refused():
     with pytest.raises(ValueError, match="dimension 3, the index holds 4-d|have dimension 3"):
-        relative_dedup(unit(np.eye(4)), [unit(np.eye(3))])
+        relative_dedup(unit(np.eye(4)), [unit(np.eye(3))], k=4, threshold=0.5)
 
 
 def test_index_parameters_follow_the_pool_size():
     assert plan_index(10_000, 768).kind == "flat"
     large = plan_index(10_000_000, 768)
-    # nlist = 2 sqrt(n), d/4 sub-quantisers, 64 probed cells (index.py).
+    # nlist = 2 sqrt(n), d/4 sub-quantisers, the default 64 probed cells.
     assert (large.kind, large.nlist, large.pq_subquantizers, large.nprobe) == ("ivfpq", 6324, 192, 64)
-    assert plan_index(1000, 64, kind="ivfpq").nlist == 25  # at least 39 training points per list
-    assert plan_index(1000, 64, kind="ivfpq", nprobe=40).nprobe == 40
-    assert VectorIndex(unit(np.eye(64)[np.arange(2000) % 64] + 0.01), kind="ivfpq", nprobe=7).index.nprobe == 7
+    assert plan_index(10_000, 768, IndexParams(exact_limit=9_999)).kind == "ivfpq"
+    assert plan_index(1000, 64, IndexParams(kind="ivfpq")).nlist == 25  # at least 39 training points per list
+    assert plan_index(1000, 64, IndexParams(kind="ivfpq", nprobe=20)).nprobe == 20
+    assert plan_index(1000, 64, IndexParams(kind="ivfpq", nprobe=40)).nprobe == 25  # at most every list
+    seven = VectorIndex(unit(np.eye(64)[np.arange(2000) % 64] + 0.01), IndexParams(kind="ivfpq", nprobe=7))
+    assert seven.index.nprobe == 7
 
 
 def test_exact_and_ivfpq_indexes_find_the_same_nearest_neighbour():
     rng = np.random.default_rng(0)
     pool = unit(rng.normal(size=(4000, 32)))
     queries = unit(pool[:50] + 0.05 * rng.normal(size=(50, 32)))
-    exact = VectorIndex(pool, kind="flat", placement="cpu")
-    approximate = VectorIndex(pool, kind="ivfpq", placement="cpu", nprobe=16)
+    exact = VectorIndex(pool, IndexParams(kind="flat", placement="cpu"))
+    approximate = VectorIndex(pool, IndexParams(kind="ivfpq", placement="cpu", nprobe=16))
     assert exact.search(queries, 1)[1][:, 0].tolist() == list(range(50))
     assert (approximate.search(queries, 1)[1][:, 0] == np.arange(50)).mean() >= 0.95
     sims, rows = exact.search(pool[:2], 5000)
@@ -157,7 +164,7 @@ def test_balanced_sampling_gives_near_uniform_cluster_shares():
 
 
 PHOTOS = 19  # planted_copies: the photographs, then their copies, then the unrelated images
-PHOTO_ROWS = PHOTOS * (1 + len(COPY_EDITS))
+PHOTO_ROWS = PHOTOS * (1 + len(WEB_COPIES))
 
 
 def test_copy_descriptor_groups_each_photo_with_its_copies_and_nothing_else(planted_copies, planted_descriptors):
@@ -179,9 +186,9 @@ def test_copy_descriptor_groups_each_photo_with_its_copies_and_nothing_else(plan
     true_positive = (same_component & same_photo & off_diagonal).sum()
     precision = true_positive / (same_component & off_diagonal).sum()
     recall = true_positive / (same_photo & off_diagonal).sum()
-    copies = PHOTOS + np.arange(PHOTOS * len(COPY_EDITS))
+    copies = PHOTOS + np.arange(PHOTOS * len(WEB_COPIES))
     found = labels[copies] == labels[groups[copies]]
-    missed = [(int(groups[i]), list(COPY_EDITS)[(i - PHOTOS) % len(COPY_EDITS)]) for i in copies[~found]]
+    missed = [(int(groups[i]), list(WEB_COPIES)[(i - PHOTOS) % len(WEB_COPIES)]) for i in copies[~found]]
     print(f"copy descriptor at {COPY_DESCRIPTOR_THRESHOLDS['self']}: precision {precision:.4f}, recall {recall:.4f}")
     print(f"copies that do not join their photograph: {missed}")
     print(
@@ -214,15 +221,15 @@ def test_relative_dedup_with_eval_views_removes_every_planted_copy(planted_copie
     with_views = np.concatenate([evaluation, views])
     alone = relative_dedup(pool, [evaluation], k=64, threshold=threshold)
     clean = relative_dedup(pool, [with_views], k=64, threshold=threshold)
-    n_copies = PHOTOS * len(COPY_EDITS)
+    n_copies = PHOTOS * len(WEB_COPIES)
     for name, result in (("eval images alone", alone), ("with eval views", clean)):
-        escaping = result[:n_copies].reshape(PHOTOS, len(COPY_EDITS)).sum(0).tolist()
+        escaping = result[:n_copies].reshape(PHOTOS, len(WEB_COPIES)).sum(0).tolist()
         print(f"{name}: copies escaping per edit {escaping}, unrelated removed {(~result[n_copies:]).sum()} of 3000")
     assert not alone[:n_copies].any() and not clean[:n_copies].any()
     assert alone[n_copies:].all() and clean[n_copies:].all()
 
-    unseen = {f"centre crop {f}": (lambda image, f=f: cropped(image, f)) for f in (0.95, 0.85, 0.75, 0.7)}
-    unseen["mirrored centre crop 0.8"] = lambda image: ImageOps.mirror(cropped(image, 0.8))
+    unseen = {f"centre crop {f}": (lambda image, f=f: trimmed(image, f)) for f in (0.95, 0.85, 0.75, 0.7)}
+    unseen["mirrored centre crop 0.8"] = lambda image: ImageOps.mirror(trimmed(image, 0.8))
     measured = {"centre crop 0.95": [0, 0], "centre crop 0.85": [0, 0], "centre crop 0.75": [2, 0],
                 "centre crop 0.7": [8, 2], "mirrored centre crop 0.8": [0, 0]}  # fmt: skip
     for name, edit in unseen.items():

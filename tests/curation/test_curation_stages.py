@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from copy_edits import COPY_EDITS, photo_thumbnails
 from PIL import Image
 
+from dinov2.atomic import write_table
+from dinov2.copydetect.edits import WEB_COPIES, web_copy
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.embeddings import embed_manifest, load_embeddings
-from dinov2.curation.manifest import build_manifest, write_table_atomically
+from dinov2.curation.manifest import build_manifest
+from dinov2.demo_data.bundled import photo_thumbnails
 from dinov2.hub import save_backbone
 
 
@@ -41,7 +43,7 @@ def test_embed_writes_unit_fp16_shards_and_resumes_finished_ones(tmp_path, photo
     folder.mkdir()
     for index in range(5):
         photos[index % 4].rotate(index * 7).save(folder / f"p{index}.png")
-    write_table_atomically(build_manifest(folder, "web", "pool").table, tmp_path / "manifest.parquet")
+    write_table(build_manifest(folder, "web", "pool").table, tmp_path / "manifest.parquet")
     checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
     embedder = build_embedder(str(checkpoint), crop_size=32, device="cpu")
     first = embed_manifest(tmp_path / "manifest.parquet", tmp_path / "emb", embedder, batch_size=2, shard_size=2)
@@ -77,9 +79,9 @@ def test_bad_inputs_fail_with_a_clear_message_and_leave_no_output(tmp_path, phot
     photos[1].save(tmp_path / "imgs" / "1.png")
     cli(["embed", "--manifest", "m/manifest.parquet", "--out", "e"])
     other = tmp_path / "other"
-    write_table_atomically(pq.read_table(tmp_path / "m" / "manifest.parquet"), tmp_path / "other.parquet")
+    write_table(pq.read_table(tmp_path / "m" / "manifest.parquet"), tmp_path / "other.parquet")
     embedder = build_embedder("dinov2_vits14", crop_size=14, device="cpu")
-    embed_manifest(tmp_path / "other.parquet", other, embedder, batch_size=4)
+    embed_manifest(tmp_path / "other.parquet", other, embedder, batch_size=4, shard_size=10)
     output = cli_error(["dedup", "--pool", "e", "--eval", "other", "--out", "d"])
     assert "384-d embeddings" in output and "expected 608-d" in output
     assert not (tmp_path / "d").exists()
@@ -108,8 +110,8 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
     pool = tmp_path / "pool"
     (pool / "copies").mkdir()
     for name in POOL_PHOTOS + EVAL_PHOTOS:
-        for edit_name, edit in COPY_EDITS.items():
-            edit(photos[name]).save(pool / "copies" / f"{name}_{edit_name}.png")
+        for edit_name in WEB_COPIES:
+            web_copy(photos[name], edit_name).save(pool / "copies" / f"{name}_{edit_name}.png")
     (pool / "digits").mkdir()
     for index, digit in enumerate(mnist_digits[:300]):
         Image.fromarray(digit).convert("RGB").resize((32, 32)).save(pool / "digits" / f"{index}.png")
@@ -138,12 +140,12 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
     leaks = set(pq.read_table(tmp_path / "d" / "eval_leaks.parquet").column("id").to_pylist())
     survivors = {}
     for name in POOL_PHOTOS:
-        group = {f"web/photos/{name}.png"} | {f"web/copies/{name}_{edit}.png" for edit in COPY_EDITS}
+        group = {f"web/photos/{name}.png"} | {f"web/copies/{name}_{edit}.png" for edit in WEB_COPIES}
         survivors[name] = len(group & (set(kept) | leaks))  # what self-dedup kept
     # A photograph and its 4 copies form one component, one image survives; the 90% crops of coins and page
     # stay below the 0.825 threshold (as in test_copy_descriptor_groups_each_photo_with_its_copies_and_nothing_else).
     assert survivors == {**dict.fromkeys(POOL_PHOTOS, 1), "coins": 2, "page": 2}, survivors
-    eval_copies = {f"web/copies/{name}_{edit}.png" for name in EVAL_PHOTOS for edit in COPY_EDITS}
+    eval_copies = {f"web/copies/{name}_{edit}.png" for name in EVAL_PHOTOS for edit in WEB_COPIES}
     assert not eval_copies & set(kept)  # copies of evaluation images: all gone
     false_leaks = sorted(leaks - eval_copies)
     print(f"relative dedup: {len(leaks & eval_copies)} eval copies and {false_leaks} removed")

@@ -17,19 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from dinov2.curation.default_data import (
-    BRIGHTNESS_FACTOR,
-    CROP_KEPT,
-    JPEG_QUALITY,
-    ROTATION_DEGREES,
-    build_default_data,
-    parse_edits,
-    score_curation,
-    write_copy,
-)
-from dinov2.curation.params import DefaultData
+from dinov2.configuration.curation import DefaultData
+from dinov2.copydetect.edits import parse_edits, write_copy
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dinov2.data.images import read_rgb
+from dinov2.demo_data.build import build_default_data
+from dinov2.demo_data.ground_truth import score_curation
 
 SMALL = dict(
     seed_per_class=2,
@@ -121,12 +114,13 @@ def test_the_ground_truth_names_real_files_and_its_edits_reproduce_every_copy(sm
         assert row["original_id"] in (pool_ids if row["kind"] == "pool_duplicate" else eval_test_ids)
         edits = parse_edits(row["edit"])
         assert 1 <= len(edits) <= 3 and len({edit.kind for edit in edits}) == len(edits)
+        ranges = DefaultData().edits
         for edit in edits:
             low, high = {
-                "crop": CROP_KEPT,
-                "rotate": (-ROTATION_DEGREES, ROTATION_DEGREES),
-                "brightness": BRIGHTNESS_FACTOR,
-                "jpeg": JPEG_QUALITY,
+                "crop": ranges.crop_kept,
+                "rotate": (-ranges.rotation_degrees, ranges.rotation_degrees),
+                "brightness": ranges.brightness,
+                "jpeg": ranges.jpeg_quality,
             }.get(edit.kind, (None, None))
             assert edit.kind == "flip" or low <= edit.strength <= high
         assert Path(row["path"]).suffix == (".jpg" if any(edit.kind == "jpeg" for edit in edits) else ".png")

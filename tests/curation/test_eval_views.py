@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinov2.configuration import ConfigError, load_section
-from dinov2.curation.descriptors import COPY_DESCRIPTOR_DIM, copy_descriptor
+from dinov2.atomic import write_table
+from dinov2.configuration import ConfigError
+from dinov2.configuration.curation import EmbedParams
+from dinov2.configuration.params import load_section
+from dinov2.copydetect.copy_descriptor import COPY_DESCRIPTOR_DIM, copy_descriptor
+from dinov2.curation.embed import embed
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.embeddings import EmbeddingError, embed_manifest, load_embeddings
-from dinov2.curation.manifest import build_manifest, write_table_atomically
-from dinov2.curation.params import EmbedParams
-from dinov2.curation.stages import embed
+from dinov2.curation.manifest import build_manifest
 from dinov2.curation.views import expand, parse_views, views_per_image
 
 
@@ -72,7 +74,7 @@ def photo_manifests(tmp_path, photos):
     for index in range(5):
         photos[index % 4].rotate(index * 7).resize((96, 64)).save(folder / f"p{index}.png")
     for split in ("eval", "pool"):
-        write_table_atomically(build_manifest(folder, "photos", split).table, tmp_path / f"{split}.parquet")
+        write_table(build_manifest(folder, "photos", split).table, tmp_path / f"{split}.parquet")
     return tmp_path
 
 

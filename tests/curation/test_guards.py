@@ -10,19 +10,23 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dinov2.curation import stages
+from dinov2.configuration.curation import DedupParams, EmbedParams, PrepareParams, RetrieveParams
+from dinov2.curation.dedup import CurationGuardError
+from dinov2.curation.dedup import dedup as run_dedup
+from dinov2.curation.embed import embed as run_embed
 from dinov2.curation.embedders import PAPER_THRESHOLDS_MODEL
 from dinov2.curation.embeddings import EmbeddingError, load_embeddings
-from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams, RetrieveParams
+from dinov2.curation.manifest import prepare as run_prepare
+from dinov2.curation.retrieval import retrieve as run_retrieve
 from dinov2.hub import save_backbone
 
 
 def embedded(folder, tmp_path, name: str, split: str = "pool", **embed_options):
     """prepare + embed a folder as source ``name``; returns the embedding folder."""
-    stages.prepare(folder, name, split, tmp_path / "manifests" / name, PrepareParams())
+    run_prepare(folder, name, split, tmp_path / "manifests" / name, PrepareParams())
     out = tmp_path / "embeddings" / name
     params = EmbedParams(num_workers=0, device="cpu", **embed_options)
-    stages.embed(tmp_path / "manifests" / name / "manifest.parquet", out, params)
+    run_embed(tmp_path / "manifests" / name / "manifest.parquet", out, params)
     return out
 
 
@@ -62,16 +66,16 @@ def test_a_duplicate_group_swallowing_the_pool_stops_dedup_with_the_numbers(tmp_
 
 
 def test_the_group_guard_only_warns_when_asked_and_follows_max_group_share(tmp_path, digit_pool, caplog):
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        metrics = stages.dedup(digit_pool, [], tmp_path / "warned", DedupParams(guards="warn"))
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.dedup"):
+        metrics = run_dedup(digit_pool, [], tmp_path / "warned", DedupParams(guards="warn"))
     assert (metrics["dedup/largest_group"], metrics["dedup/kept"]) == (40, 5)
     assert metrics["dedup/largest_group_share"] == pytest.approx(40 / 44)
     assert "self-dedup put 40 of 44 pool images (90.9%)" in caplog.text
     assert (tmp_path / "warned" / "kept.parquet").is_file()
     # A share above 40 / 44 lets the same group through without a word.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        stages.dedup(digit_pool, [], tmp_path / "allowed", DedupParams(max_group_share=0.95))
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.dedup"):
+        run_dedup(digit_pool, [], tmp_path / "allowed", DedupParams(max_group_share=0.95))
     assert caplog.text == ""
 
 
@@ -95,20 +99,20 @@ def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones
         {"self": 0.6, "relative": 0.45},
         PAPER_THRESHOLDS_MODEL,
     )
-    with pytest.raises(stages.CurationGuardError) as refused:
-        stages.dedup(pool, [], tmp_path / "dedup", DedupParams())
+    with pytest.raises(CurationGuardError) as refused:
+        run_dedup(pool, [], tmp_path / "dedup", DedupParams())
     assert str(refused.value).startswith(
         f"the self-dedup threshold 0.6 was calibrated for {PAPER_THRESHOLDS_MODEL}, not for tiny.safetensors"
     )
     assert not (tmp_path / "dedup").exists()
 
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        metrics = stages.dedup(pool, [], tmp_path / "dedup", DedupParams(guards="warn"))
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.dedup"):
+        metrics = run_dedup(pool, [], tmp_path / "dedup", DedupParams(guards="warn"))
     assert metrics["dedup/self_threshold"] == 0.6
     assert f"the self-dedup threshold 0.6 was calibrated for {PAPER_THRESHOLDS_MODEL}" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        metrics = stages.dedup(pool, [], tmp_path / "dedup", DedupParams(self_threshold=0.99))
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.dedup"):
+        metrics = run_dedup(pool, [], tmp_path / "dedup", DedupParams(self_threshold=0.99))
     assert metrics["dedup/self_threshold"] == 0.99
     assert "dedup.self_threshold = 0.99: no threshold is calibrated for tiny.safetensors" in caplog.text
 
@@ -121,8 +125,8 @@ def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones
         calibrated_thresholds={"self": 0.99, "relative": 0.98},
     )
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        metrics = stages.dedup(calibrated, [], tmp_path / "calibrated_dedup", DedupParams())
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.dedup"):
+        metrics = run_dedup(calibrated, [], tmp_path / "calibrated_dedup", DedupParams())
     assert metrics["dedup/self_threshold"] == 0.99 and caplog.text == ""
 
 
@@ -140,10 +144,10 @@ def test_sets_embedded_by_different_models_of_the_same_dimension_are_not_compare
     )
     params = RetrieveParams(n_clusters=2)
     with pytest.raises(EmbeddingError) as refused:
-        stages.retrieve(pool, tmp_path / "unused.parquet", [seed], tmp_path / "retrieve", params)
+        run_retrieve(pool, tmp_path / "unused.parquet", [seed], tmp_path / "retrieve", params)
     assert str(refused.value) == expected
     with pytest.raises(EmbeddingError, match="second.safetensors .* first.safetensors"):
-        stages.dedup(pool, [evaluation], tmp_path / "dedup", DedupParams(self_threshold=0.99))
+        run_dedup(pool, [evaluation], tmp_path / "dedup", DedupParams(self_threshold=0.99))
     assert not (tmp_path / "retrieve").exists() and not (tmp_path / "dedup").exists()
 
 
@@ -167,8 +171,8 @@ def copies_pool(tmp_path, photos):
 
 def test_retrieve_reports_how_many_distinct_images_it_got_and_warns_when_seeds_collapse(tmp_path, copies_pool, caplog):
     pool, kept, same, varied = copies_pool
-    with caplog.at_level(logging.WARNING, logger="dinov2.curation.stages"):
-        metrics = stages.retrieve(pool, kept, [same, varied], tmp_path / "retrieve", RetrieveParams())
+    with caplog.at_level(logging.WARNING, logger="dinov2.curation.retrieval"):
+        metrics = run_retrieve(pool, kept, [same, varied], tmp_path / "retrieve", RetrieveParams())
     # 5 near-identical seeds x k=4 ask for 20 images and get the same 4: the astronaut, its copy, 2 more.
     assert (metrics["retrieve/same/requested"], metrics["retrieve/same/distinct"]) == (20, 4)
     assert metrics["retrieve/same/distinct_share"] == 0.2
@@ -183,12 +187,12 @@ def test_a_retrieval_setting_for_a_seed_set_that_was_not_given_is_an_error_namin
     pool, kept, same, varied = copies_pool
     params = RetrieveParams(datasets={"imagenet": {"mode": "sample", "k": 32}, "same": {"mode": "sample", "k": 2}})
     with pytest.raises(ValueError) as refused:
-        stages.retrieve(pool, kept, [same, varied], tmp_path / "retrieve", params)
+        run_retrieve(pool, kept, [same, varied], tmp_path / "retrieve", params)
     assert str(refused.value) == (
         "retrieve.datasets names imagenet, but no --seed folder holds that source (given: same, varied)"
     )
     assert not (tmp_path / "retrieve").exists()
     params = RetrieveParams(datasets={"same": {"mode": "sample", "k": 2}})
-    curated = stages.retrieve(pool, kept, [same], tmp_path / "retrieve", params)
+    curated = run_retrieve(pool, kept, [same], tmp_path / "retrieve", params)
     assert curated["retrieve/same/requested"] == 10
     assert pq.read_table(tmp_path / "retrieve" / "curated.parquet").num_rows == curated["retrieve/curated"]

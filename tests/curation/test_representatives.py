@@ -5,8 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dinov2.curation import stages
-from dinov2.curation.params import DedupParams, EmbedParams, PrepareParams
+from dinov2.configuration.curation import DedupParams, EmbedParams, PrepareParams
+from dinov2.curation.dedup import dedup
+from dinov2.curation.embed import embed as run_embed
+from dinov2.curation.manifest import prepare as run_prepare
 from dinov2.curation.representatives import kept_reason, preference_order
 
 
@@ -26,9 +28,9 @@ def test_images_are_ranked_by_pixels_then_lossless_storage_then_lossy_file_size_
 
 
 def run_dedup(folder, tmp_path):
-    stages.prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
-    stages.embed(tmp_path / "manifest" / "manifest.parquet", tmp_path / "emb", EmbedParams(device="cpu"))
-    metrics = stages.dedup(tmp_path / "emb", [], tmp_path / "dedup", DedupParams())
+    run_prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
+    run_embed(tmp_path / "manifest" / "manifest.parquet", tmp_path / "emb", EmbedParams(device="cpu"))
+    metrics = dedup(tmp_path / "emb", [], tmp_path / "dedup", DedupParams())
     return metrics, pq.read_table(tmp_path / "dedup" / "duplicate_groups.parquet").to_pylist()
 
 

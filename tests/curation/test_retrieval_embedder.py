@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from dinov2.cli import run
-from dinov2.curation import stages
+from dinov2.configuration.curation import PrepareParams, RetrieveParams
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.embeddings import EmbeddingError
-from dinov2.curation.params import PrepareParams, RetrieveParams
+from dinov2.curation.manifest import prepare as run_prepare
+from dinov2.curation.retrieval import retrieve as run_retrieve
 
 
 def test_raw_pixels_are_the_image_resized_mean_centred_and_of_unit_norm():
@@ -60,7 +61,7 @@ def photo_sets(tmp_path, photos, monkeypatch):
     }  # fmt: skip
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     for name in ("pool", "seed"):
-        stages.prepare(tmp_path / name, name, name, tmp_path / "m" / name, PrepareParams())
+        run_prepare(tmp_path / name, name, name, tmp_path / "m" / name, PrepareParams())
     return tmp_path
 
 
@@ -80,18 +81,18 @@ def test_retrieval_embeddings_come_from_retrieve_embedder_and_retrieve_refuses_t
 
     params = RetrieveParams.model_validate(json.loads((photo_sets / "params.yaml").read_text())["retrieve"])
     with pytest.raises(EmbeddingError) as refused:
-        stages.retrieve(copies / "pool", kept, [copies / "seed"], out, params)
+        run_retrieve(copies / "pool", kept, [copies / "seed"], out, params)
     assert str(refused.value) == (
         f"{copies / 'pool'} holds embeddings of copy_descriptor, but retrieve.embedder.model is raw_pixels: embed "
         "the pool and seed sets with `dinov2 embed --section retrieve.embedder`"
     )
     # a seed set of the other embedder is refused by the older guard, which names both models
     with pytest.raises(EmbeddingError, match="embeddings of raw_pixels .* embeddings of copy_descriptor"):
-        stages.retrieve(copies / "pool", kept, [semantic / "seed"], out, params)
+        run_retrieve(copies / "pool", kept, [semantic / "seed"], out, params)
     assert not out.exists()
 
     # the shrunken astronaut's nearest pool image in raw pixels is the astronaut, not its mirror image
-    metrics = stages.retrieve(semantic / "pool", kept, [semantic / "seed"], out, params)
+    metrics = run_retrieve(semantic / "pool", kept, [semantic / "seed"], out, params)
     assert metrics["retrieve/curated"] == 1
     assert [Path(path).name for path in pq.read_table(out / "curated.parquet")["path"].to_pylist()] == ["photo_0.png"]
 

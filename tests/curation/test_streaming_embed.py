@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dinov2.curation import stages
+from dinov2.configuration.curation import EmbedParams, PrepareParams
+from dinov2.curation.embed import embed as run_embed
 from dinov2.curation.embeddings import load_embeddings
-from dinov2.curation.params import EmbedParams, PrepareParams
+from dinov2.curation.manifest import prepare as run_prepare
 from dinov2.data.images import read_rgb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,8 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 MEASURE_EMBED = """
 import json, sys
 from pathlib import Path
-from dinov2.curation import stages
-from dinov2.curation.params import EmbedParams
+from dinov2.curation.embed import embed as run_embed
+from dinov2.curation.manifest import prepare as run_prepare
+from dinov2.configuration.curation import EmbedParams
 
 def status_mib(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) // 1024
@@ -34,7 +36,7 @@ with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")
 after_import = status_mib("VmRSS")
 params = EmbedParams(shard_size=shard_size, batch_size=2, num_workers=0, device="cpu")
-metrics = stages.embed(manifest, out, params)
+metrics = run_embed(manifest, out, params)
 print(json.dumps({"rise_mib": status_mib("VmHWM") - after_import, "embedded": metrics["embed/embedded"]}))
 """
 
@@ -65,7 +67,7 @@ def embed_rise_mib(manifest: Path, out: Path, shard_size: int) -> dict:
 
 @pytest.mark.slow
 def test_embedding_memory_stays_bounded_and_does_not_grow_with_the_shard_size(tmp_path, large_photos):
-    stages.prepare(large_photos, "large", "pool", tmp_path / "manifest", PrepareParams())
+    run_prepare(large_photos, "large", "pool", tmp_path / "manifest", PrepareParams())
     manifest = tmp_path / "manifest" / "manifest.parquet"
     one_shard = embed_rise_mib(manifest, tmp_path / "one_shard", shard_size=12)
     twelve_shards = embed_rise_mib(manifest, tmp_path / "twelve_shards", shard_size=1)
@@ -90,11 +92,11 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_small_and_a_png_over_it_is_skipp
     # 3 megapixels over a 1-megapixel limit: the JPEG decoder scales by 1/2 while decoding (0.75 megapixels).
     assert read_rgb(folder / "large.jpg", max_pixels=1_000_000).size == (1000, 750)
     assert read_rgb(folder / "large.jpg").size == (2000, 1500)
-    stages.prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
+    run_prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
     manifest = pq.read_table(tmp_path / "manifest" / "manifest.parquet")
     assert manifest.column("width").to_pylist() == [2000, 2000, 600]  # the files' own sizes, from their headers
     params = EmbedParams(max_pixels=1_000_000, num_workers=0, device="cpu")
-    metrics = stages.embed(tmp_path / "manifest" / "manifest.parquet", tmp_path / "emb", params)
+    metrics = run_embed(tmp_path / "manifest" / "manifest.parquet", tmp_path / "emb", params)
     assert (metrics["embed/embedded"], metrics["embed/unreadable"]) == (2, 1)
     assert load_embeddings(tmp_path / "emb").ids == ["web/large.jpg", "web/small.png"]
     skipped = pq.read_table(tmp_path / "emb" / "unreadable.parquet").to_pylist()
@@ -110,11 +112,11 @@ def test_workers_embed_the_same_vectors_in_manifest_order_and_record_a_file_gone
     folder.mkdir()
     for index in range(5):
         photos[index % 4].rotate(index * 9).resize((120, 90)).save(folder / f"p{index}.jpg", quality=90)
-    stages.prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
+    run_prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
     manifest = tmp_path / "manifest" / "manifest.parquet"
     (folder / "p2.jpg").write_bytes((folder / "p2.jpg").read_bytes()[:200])  # truncated after prepare
-    in_process = stages.embed(manifest, tmp_path / "w0", EmbedParams(num_workers=0, shard_size=2, batch_size=1))
-    in_workers = stages.embed(manifest, tmp_path / "w2", EmbedParams(num_workers=2, shard_size=2, batch_size=2))
+    in_process = run_embed(manifest, tmp_path / "w0", EmbedParams(num_workers=0, shard_size=2, batch_size=1))
+    in_workers = run_embed(manifest, tmp_path / "w2", EmbedParams(num_workers=2, shard_size=2, batch_size=2))
     assert in_process["embed/embedded"] == in_workers["embed/embedded"] == 4
     expected_ids = [f"web/p{index}.jpg" for index in (0, 1, 3, 4)]
     assert load_embeddings(tmp_path / "w2").ids == expected_ids
@@ -136,7 +138,7 @@ def test_prepare_counts_and_records_symlink_loops_instead_of_dropping_them(tmp_p
     (folder / "loop.jpg").symlink_to("loop.jpg")  # points at itself
     (folder / "cats" / "up").symlink_to("..")  # leads back to an ancestor
     (folder / "gone.png").symlink_to("deleted.png")
-    metrics = stages.prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
+    metrics = run_prepare(folder, "web", "pool", tmp_path / "manifest", PrepareParams())
     assert metrics == {
         "prepare/files": 6,
         "prepare/images": 3,

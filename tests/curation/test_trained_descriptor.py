@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from dinov2.curation.descriptors import copy_descriptor
-from dinov2.curation.manifest import build_manifest, write_table_atomically
-from dinov2.curation.params import DescriptorParams, EmbedParams
-from dinov2.curation.stages import embed
-from dinov2.curation.trained_descriptor.calibration import calibrate
-from dinov2.curation.trained_descriptor.copy_edits import TrainingEdits, crop_fraction
-from dinov2.curation.trained_descriptor.loss import entropy_regulariser, info_nce
-from dinov2.curation.trained_descriptor.stage import architecture_of, schedule_of
-from dinov2.curation.trained_descriptor.training import describe, fit
+from dinov2.atomic import write_table
+from dinov2.configuration.curation import DescriptorParams, EmbedParams
+from dinov2.copydetect.calibration import calibrate
+from dinov2.copydetect.copy_descriptor import copy_descriptor
+from dinov2.copydetect.edits import crop_fraction
+from dinov2.copydetect.loss import entropy_regulariser, info_nce
+from dinov2.copydetect.training import describe, fit
+from dinov2.curation.embed import embed
+from dinov2.curation.manifest import build_manifest
 from dinov2.data.fashion_mnist import load_fashion_mnist
 
 # A descriptor that trains in seconds on 28 px images: 2 stages of width 8, 32 values.
@@ -46,15 +46,11 @@ def dinov2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_training_is_deterministic_whoever_makes_the_views_and_lowers_the_loss(garments):
     params = tiny_params(epochs=2, batch_size=16)
-    edits = TrainingEdits(**params.edits.model_dump())
-    runs = [
-        fit(garments[:64], architecture_of(params), schedule_of(params), edits, seed=1, num_workers=workers)
-        for workers in (0, 0, 2)
-    ]
+    runs = [fit(garments[:64], params.model_copy(update={"num_workers": workers}), seed=1) for workers in (0, 0, 2)]
     states = [model.state_dict() for model, _ in runs]
     for other in states[1:]:
         assert all(torch.equal(states[0][name], other[name]) for name in states[0])
-    reseeded, _ = fit(garments[:64], architecture_of(params), schedule_of(params), edits, seed=2)
+    reseeded, _ = fit(garments[:64], params, seed=2)
     assert not torch.equal(reseeded.state_dict()["projection.weight"], states[0]["projection.weight"])
     losses = [step["loss"] for step in runs[0][1]]
     assert len(losses) == 2 * 4  # 64 images in batches of 16, 2 epochs
@@ -86,7 +82,7 @@ def test_the_trained_descriptor_finds_cropped_mirrored_copies_the_copy_descripto
     original? Measured: 0.375 for the tiny descriptor after 48 steps, 0.156 for the copy descriptor."""
     pool = garments[:128]
     params = tiny_params(epochs=12, batch_size=32)
-    model, _ = fit(pool, architecture_of(params), schedule_of(params), TrainingEdits(**params.edits.model_dump()), 0)
+    model, _ = fit(pool, params, seed=0)
     copies = [crop_and_flip(image, seed) for seed, image in enumerate(pool[:64])]
     trained = nearest_is_original(describe(model, copies), describe(model, pool))
     handmade = nearest_is_original(
@@ -155,7 +151,7 @@ def test_an_sscd_torchscript_file_embeds_with_sscd_preprocessing_and_records_the
     for index, photo in enumerate(photos):
         photo.save(tmp_path / "images" / f"{index}.png")
     built = build_manifest(tmp_path / "images", "web", "pool")
-    write_table_atomically(built.table, tmp_path / "manifest.parquet")
+    write_table(built.table, tmp_path / "manifest.parquet")
     name = f"sscd:{tmp_path / 'sscd_tiny.torchscript.pt'}"
 
     embed(tmp_path / "manifest.parquet", tmp_path / "e", EmbedParams(model=name, num_workers=0, device="cpu"))
@@ -182,7 +178,7 @@ def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path,
     (tmp_path / "images").mkdir()
     for index, photo in enumerate(photos):
         photo.save(tmp_path / "images" / f"{index}.png")
-    write_table_atomically(build_manifest(tmp_path / "images", "web", "pool").table, tmp_path / "m.parquet")
+    write_table(build_manifest(tmp_path / "images", "web", "pool").table, tmp_path / "m.parquet")
     out = cli_error(["train-descriptor", "--manifest", "m.parquet", "--out", "d"])
     assert out == (
         "error: m.parquet holds 4 images: too few to hold out descriptor.calibration.images = 500 for "

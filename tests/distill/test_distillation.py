@@ -122,8 +122,8 @@ def test_a_killed_distillation_resumes_to_bitwise_the_same_students(images, smal
 COUNT_TEACHER_FORWARDS = """
 import json, sys
 import dinov2.distill.run as run
-from dinov2.distill.config import DistillRecipe
-from dinov2.train.config import load_recipe
+from dinov2.configuration.recipes import DistillRecipe
+from dinov2.configuration.recipes import load_recipe
 
 calls = []
 original = run.load_teacher

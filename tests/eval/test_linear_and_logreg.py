@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.eval.linear import LEARNING_RATES, carve_validation, linear_probe, probe_views
+from dinov2.configuration.evaluation import LinearParams
+from dinov2.eval.linear import carve_validation, linear_probe, probe_views
 from dinov2.eval.logreg import c_grid, logistic_regression
 
 
@@ -30,7 +31,6 @@ def test_probe_views_slice_the_cls_blocks_and_the_mean_patch_token():
     # A 2-block model: "last 4 blocks" is clipped to its 2.
     assert probe_views(2, 10) == {"blocks1": (10, 20), "blocks1_avgpool": (10, 30), "blocks2": (0, 20),
                                   "blocks2_avgpool": (0, 30)}  # fmt: skip
-    assert len(LEARNING_RATES) == 13 and LEARNING_RATES[0] == 1e-5 and LEARNING_RATES[-1] == 0.1
 
 
 def test_validation_is_carved_per_class_from_train():
@@ -45,7 +45,7 @@ def test_linear_probe_separates_blobs_and_selects_the_informative_view():
     test, test_labels = blobs(50, seed=1)
     views = {"signal": (0, 8), "noise": (8, 16)}
     result = linear_probe(train, train_labels, test, test_labels, views, learning_rates=(1e-3, 1e-1), epochs=5,
-                          batch_size=32)  # fmt: skip
+                          batch_size=32, val_fraction=0.1)  # fmt: skip
     assert result.selected.view == "signal"
     assert result.test_top1 == 1.0
     assert result.val_top1["noise_lr0.1"] < 0.6  # chance is 1/3
@@ -59,9 +59,29 @@ def test_linear_probe_never_selects_on_the_test_split():
     train, train_labels = blobs(100, seed=0)
     test, test_labels = blobs(50, seed=1)
     views = {"signal": (0, 8), "noise": (8, 16), "both": (0, 16)}
-    honest = linear_probe(train, train_labels, test, test_labels, views, epochs=3, batch_size=64)
+    honest = linear_probe(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        views,
+        epochs=3,
+        batch_size=64,
+        learning_rates=LinearParams().learning_rates,
+        val_fraction=0.1,
+    )
     scrambled_labels = (test_labels + 1) % 3
-    scrambled = linear_probe(train, train_labels, test, scrambled_labels, views, epochs=3, batch_size=64)
+    scrambled = linear_probe(
+        train,
+        train_labels,
+        test,
+        scrambled_labels,
+        views,
+        epochs=3,
+        batch_size=64,
+        learning_rates=LinearParams().learning_rates,
+        val_fraction=0.1,
+    )
     assert scrambled.selected == honest.selected
     assert scrambled.val_top1 == honest.val_top1
     assert honest.test_top1 == 1.0 and scrambled.test_top1 == 0.0
@@ -71,7 +91,17 @@ def test_linear_probe_never_selects_on_the_test_split():
 def test_linear_probe_refuses_test_classes_unknown_to_train():
     train, train_labels = blobs(10, seed=0)
     with pytest.raises(ValueError, match="test split has class index 5 but train only 3 classes"):
-        linear_probe(train, train_labels, train[:2], torch.tensor([0, 5]), {"all": (0, 16)}, epochs=1)
+        linear_probe(
+            train,
+            train_labels,
+            train[:2],
+            torch.tensor([0, 5]),
+            {"all": (0, 16)},
+            epochs=1,
+            learning_rates=(0.1,),
+            batch_size=8,
+            val_fraction=0.1,
+        )
 
 
 def test_logistic_regression_reaches_perfect_accuracy_on_separable_blobs():

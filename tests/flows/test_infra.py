@@ -202,7 +202,7 @@ def test_bad_launch_settings_fail_before_anything_renders():
 
 def test_optimizer_offload_on_zero_0_is_refused_naming_both_keys():
     from dinov2.configuration import ConfigError
-    from dinov2.train.config import load_recipe
+    from dinov2.configuration.recipes import load_recipe
 
     with pytest.raises(ConfigError, match="'deepspeed': Value error, offload_optimizer needs zero_stage 1, 2 or 3"):
         load_recipe("vitg14", ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"])

@@ -2,7 +2,6 @@
 the local worker) in a temporary git repository holding the project's dvc.yaml and a reduced params.yaml,
 on the embedded default data (Fashion-MNIST + planted copies + distractors), every stage the real command."""
 
-import copy
 import json
 import os
 import re
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from dinov2.configuration import merge
 
 pytestmark = pytest.mark.slow
 
@@ -32,26 +33,37 @@ SHORT_TRAINING = {
 
 
 def reduced_params() -> dict:
-    params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
-    params["prepare"]["default_data"].update(
-        seed_per_class=4, pool_images=200, eval_train_per_class=10, eval_test_per_class=5, pool_duplicates=20,
-        test_copies=10, distractor_digits=20, distractor_photos=4,
-    )  # fmt: skip
-    # one epoch of a small descriptor: seconds
-    params["descriptor"].update(
-        epochs=1, width=8, blocks_per_stage=1, dim=32, batch_size=32, num_workers=0,
-        calibration={"images": 40, "pool_images": 100},
-    )  # fmt: skip
-    params["embed"]["batch_size"] = 64
-    params["dedup"]["k"] = 8
-    params["retrieve"]["n_clusters"] = 4
-    # copies: shared dicts would be written as YAML anchors, and one section's edit would change both
-    params["pretrain"].update(copy.deepcopy(SHORT_TRAINING))
-    params["distill"].update(copy.deepcopy(SHORT_TRAINING))
-    evaluate = params["evaluate"]
-    evaluate["evaluations"] = ["knn"]
-    evaluate["knn"]["ks"] = [5, 20]
-    return params
+    small = {
+        "prepare": {
+            "default_data": dict(
+                seed_per_class=4,
+                pool_images=200,
+                eval_train_per_class=10,
+                eval_test_per_class=5,
+                pool_duplicates=20,
+                test_copies=10,
+                distractor_digits=20,
+                distractor_photos=4,
+            )
+        },  # fmt: skip
+        # one epoch of a small descriptor: seconds
+        "descriptor": dict(
+            epochs=1,
+            width=8,
+            blocks_per_stage=1,
+            dim=32,
+            batch_size=32,
+            num_workers=0,
+            calibration={"images": 40, "pool_images": 100},
+        ),  # fmt: skip
+        "dedup": {"k": 8},
+        "retrieve": {"n_clusters": 4},
+        "pretrain": SHORT_TRAINING,
+        "distill": SHORT_TRAINING,
+        "evaluate": {"evaluations": ["knn"], "knn": {"ks": [5, 20]}},
+    }
+    # merge copies: shared dicts would be written as YAML anchors, and one section's edit would change both
+    return merge(yaml.safe_load((REPOSITORY / "params.yaml").read_text()), small)
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -154,7 +166,7 @@ def test_the_pipeline_runs_every_stage_once_reruns_what_changed_and_records_expe
     run(["git", "add", "-A"], repository, env)
     run(["git", "commit", "-qm", "distill lr"], repository, env)
     # an experiment on the report's knob reruns the report alone, and exp show lists its metrics
-    experiment = run([dvc, "exp", "run", "-S", "report.duplicate_groups=2", "--name", "two-groups"], repository, env)
+    experiment = run([dvc, "exp", "run", "-S", "+report.duplicate_groups=2", "--name", "two-groups"], repository, env)
     assert stages_run(experiment.stdout) == {"report"}
     shown = json.loads(run([dvc, "exp", "show", "--json"], repository, env).stdout)
     experiments = [

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dinov2.configuration.recipes import load_recipe
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.train.clipping import clip_per_module
-from dinov2.train.config import load_recipe
 from dinov2.train.distributed import init_distributed
+from dinov2.train.engine import initialize_engine
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import build_schedules
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import update_emas
-from dinov2.train.train import initialize_engine, make_collate
+from dinov2.train.train import make_collate
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 # no drop path (its draws differ between CPU and CUDA generators); LayerScale 1 so that images differ

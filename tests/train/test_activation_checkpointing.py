@@ -1,11 +1,11 @@
 import torch
 
+from dinov2.configuration.recipes import load_recipe
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.datasets import ImageFolderDataset
 from dinov2.data.loaders import make_pretraining_loader
 from dinov2.data.samplers import ResumableInfiniteSampler
 from dinov2.train.activation_checkpointing import checkpoint_blocks
-from dinov2.train.config import load_recipe
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import make_collate
 

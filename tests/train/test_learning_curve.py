@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dinov2.train.config import load_recipe
+from dinov2.configuration.recipes import load_recipe
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain" / "learning_curve.py"
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from dinov2.configuration.recipes import load_recipe
 from dinov2.hub import save_backbone
 from dinov2.hub.checkpoints import CheckpointError
-from dinov2.train.config import load_recipe
 from dinov2.train.ssl_meta_arch import SSLMetaArch, build_backbone
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinov2.configuration import ConfigError
-from dinov2.train.config import load_recipe
+from dinov2.configuration.recipes import load_recipe
 from dinov2.train.dry_run import Budget, budget, dry_run_report
 from dinov2.train.param_groups import apply_schedules, layer_id, param_groups
 from dinov2.train.schedules import CosineScheduler, build_schedules, scaled_lr
@@ -178,7 +178,7 @@ def test_every_recipe_key_is_read_by_the_code():
     import ast
     from pathlib import Path
 
-    from dinov2.train.config import Recipe
+    from dinov2.configuration.recipes import Recipe
 
     package = Path(__file__).resolve().parents[2] / "dinov2"
     read = set()
@@ -206,3 +206,19 @@ def test_recomputed_blocks_keep_their_inputs_and_one_block_of_activations():
     assert activation_bytes(config, recipe.crops, recomputed=True) == 4 * tokens * 64 * 4 + 34 * tokens * 64  # 633,600
     recomputing = load_recipe("cpu_tiny", ["train.activation_checkpointing=true"])
     assert budget(recomputing).activation_bytes_per_image == 633_600
+
+
+def test_a_recipe_builds_on_its_base_and_a_loop_of_bases_is_named(tmp_path):
+    (tmp_path / "small.yaml").write_text("base: cpu_tiny\nstudent:\n  depth: 2\n")
+    small = load_recipe(tmp_path / "small.yaml")
+    tiny = load_recipe("cpu_tiny")
+    assert small.name == "small" and small.student.depth == 2
+    assert small.model_dump(exclude={"name", "student"}) == tiny.model_dump(exclude={"name", "student"})
+    assert small.student.embed_dim == tiny.student.embed_dim == 64
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="builds on itself: a -> b -> a"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: vitz14\n")
+    with pytest.raises(ConfigError, match="unknown recipe 'vitz14'"):
+        load_recipe(tmp_path / "orphan.yaml")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2.train.config import load_recipe
+from dinov2.configuration.recipes import load_recipe
+from dinov2.train.engine import build_adamw, compile_blocks, deepspeed_config, precision_dtype
 from dinov2.train.teacher import keep_in_fp32, update_emas
-from dinov2.train.train import build_adamw, compile_blocks, deepspeed_config, precision_dtype
 from tests.train.engine_steps import in_child_process, losses_in_child_process, real_batch
 
 

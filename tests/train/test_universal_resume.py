@@ -6,7 +6,7 @@ import time
 
 import torch.distributed as dist
 
-from dinov2.train.train import resume_source
+from dinov2.train.checkpoints import resume_source
 
 
 def saved_on_two_ranks(checkpoints, tag="iter_0000004"):

@@ -6,7 +6,6 @@ from typing import Literal
 from pydantic import Field
 
 from dinov2.configuration import Section
-from dinov2.eval.linear import LEARNING_RATES
 
 Evaluation = Literal["knn", "linear", "logreg", "retrieval", "segmentation", "depth"]
 
@@ -19,7 +18,8 @@ class KnnParams(Section):
 class LinearParams(Section):
     n_last_blocks: list[int] = [1, 4]
     avgpool: list[bool] = [False, True]
-    learning_rates: list[float] = list(LEARNING_RATES)
+    # the reference's grid: 13 rates from 1e-5 to 0.1, each scaled by batch_size / 256
+    learning_rates: list[float] = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -60,9 +60,9 @@ class DepthParams(Section):
 
 
 class EvaluateParams(Section):
-    dataset: str = Field("cifar10", pattern=r"^[A-Za-z0-9_.-]+$")  # the name in metric keys
-    train_dir: Path = Path("data/cifar10/train")
-    test_dir: Path = Path("data/cifar10/test")
+    dataset: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$", description="the name in metric keys")
+    train_dir: Path = Field(Path("outputs/prepare/eval/train"), description="ImageFolder: <class>/<image>")
+    test_dir: Path = Field(Path("outputs/prepare/eval/test"), description="the pipeline's evaluation splits by default")
     evaluations: list[Evaluation] = ["knn", "linear", "logreg", "retrieval", "segmentation"]
     resize_size: int = Field(256, ge=1)
     crop_size: int = Field(224, ge=1)

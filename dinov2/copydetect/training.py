@@ -1,6 +1,6 @@
 """Training the copy-detection network on a pool without labels: every image is its own class (SSCD).
 
-Each step draws B pool images, makes two copy-edited views of each (``copy_edits.TrainingEdits``) and
+Each step draws B pool images, makes two copy-edited views of each (``edits.training_view``) and
 minimises InfoNCE between the views plus ``entropy_weight`` times the entropy regulariser (``loss.py``).
 The views of image i in epoch e come from a generator seeded by ``(seed, e, i)``, so they do not depend
 on which DataLoader worker made them, and the image order of epoch e from one seeded by ``(seed, e)``:
@@ -11,33 +11,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dinov2.curation.trained_descriptor.copy_edits import TrainingEdits
-from dinov2.curation.trained_descriptor.loss import entropy_regulariser, info_nce
-from dinov2.curation.trained_descriptor.model import Architecture, CopyDetector, to_input
+from dinov2.configuration.curation import DescriptorEdits, DescriptorParams
+from dinov2.copydetect.edits import training_view
+from dinov2.copydetect.loss import entropy_regulariser, info_nce
+from dinov2.copydetect.network import CopyDetector, to_input
 from dinov2.data.images import read_rgb
 
 logger = logging.getLogger(__name__)
 
 # An image is an RGB PIL image or the path of a file read with ``read_rgb``.
 ImageSource = Image.Image | str
-
-
-@dataclass(frozen=True)
-class Schedule:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup_fraction: float
-    temperature: float
-    entropy_weight: float
 
 
 def working_copy(image: Image.Image, input_size: int) -> Image.Image:
@@ -63,7 +52,7 @@ class CopyPairs(Dataset):
     """
 
     def __init__(
-        self, sources: Sequence[ImageSource], edits: TrainingEdits, input_size: int, seed: int, max_pixels: int | None
+        self, sources: Sequence[ImageSource], edits: DescriptorEdits, input_size: int, seed: int, max_pixels: int | None
     ):
         self.sources, self.edits, self.input_size, self.seed, self.max_pixels = (
             sources,
@@ -83,12 +72,12 @@ class CopyPairs(Dataset):
         if rng.random() < self.edits.original_view_probability:
             first = image.resize((self.input_size, self.input_size), Image.BILINEAR)
         else:
-            first = self.edits.apply(image, rng, self.input_size)
-        second = self.edits.apply(image, rng, self.input_size)
+            first = training_view(image, rng, self.input_size, self.edits)
+        second = training_view(image, rng, self.input_size, self.edits)
         return to_input(first, self.input_size), to_input(second, self.input_size)
 
 
-def learning_rate_at(step: int, total: int, schedule: Schedule) -> float:
+def learning_rate_at(step: int, total: int, schedule: DescriptorParams) -> float:
     """Linear warm-up over ``warmup_fraction`` of the steps, then a cosine decay to zero."""
     warmup = max(1, round(total * schedule.warmup_fraction))
     if step < warmup:
@@ -97,7 +86,9 @@ def learning_rate_at(step: int, total: int, schedule: Schedule) -> float:
     return schedule.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _step(model, optimizer, first, second, learning_rate: float, schedule: Schedule, device: str) -> dict[str, float]:
+def _step(
+    model, optimizer, first, second, learning_rate: float, schedule: DescriptorParams, device: str
+) -> dict[str, float]:
     started = time.perf_counter()
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
@@ -132,19 +123,17 @@ def describe(model: CopyDetector, images: Sequence[Image.Image], device: str = "
 
 def fit(
     sources: Sequence[ImageSource],
-    architecture: Architecture,
-    schedule: Schedule,
-    edits: TrainingEdits,
+    params: DescriptorParams,
     seed: int,
     device: str = "cpu",
-    num_workers: int = 0,
-    max_pixels: int | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> tuple[CopyDetector, list[dict[str, float]]]:
-    """Train a ``CopyDetector`` on ``sources``; returns it (eval mode, on the CPU) and each step's losses.
+    """Train a ``CopyDetector`` of ``params.network`` on ``sources`` with the schedule, edits, workers and image
+    limit of ``params``; returns it (eval mode, on the CPU) and each step's losses.
 
     ``on_step(step, total_steps, losses)`` is called after every step (progress, tracking).
     """
+    schedule, architecture = params, params.network
     batch_size = min(schedule.batch_size, len(sources))
     if batch_size < 2:
         raise ValueError(f"contrastive training needs at least 2 images, got {len(sources)}")
@@ -152,7 +141,7 @@ def fit(
     # Channels-last convolutions run faster on CPUs (and on GPUs) at these small channel counts.
     model = CopyDetector(architecture).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.learning_rate, weight_decay=schedule.weight_decay)
-    dataset = CopyPairs(sources, edits, architecture.input_size, seed, max_pixels)
+    dataset = CopyPairs(sources, params.edits, architecture.input_size, seed, params.max_pixels)
     steps_per_epoch = len(sources) // batch_size
     total = schedule.epochs * steps_per_epoch
     history: list[dict[str, float]] = []
@@ -160,7 +149,7 @@ def fit(
     for epoch in range(schedule.epochs):
         order = np.random.default_rng((seed, epoch)).permutation(len(sources)).tolist()
         batches = [[(epoch, i) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(steps_per_epoch)]
-        for first, second in DataLoader(dataset, batch_sampler=batches, num_workers=num_workers):
+        for first, second in DataLoader(dataset, batch_sampler=batches, num_workers=params.num_workers):
             learning_rate = learning_rate_at(step, total, schedule)
             losses = _step(model, optimizer, first, second, learning_rate, schedule, device)
             history.append(losses)

@@ -1,12 +1,10 @@
-"""``dinov2 train-descriptor`` as a library call: train on a pool manifest, calibrate, write the descriptor folder.
+"""``dinov2 train-descriptor`` as a library call: train on a pool's images, calibrate, write the descriptor folder.
 
-1. The manifest is read and checked first (missing file, no images, images missing on disk: one error).
-2. ``calibration.images`` pool images, drawn with ``seed``, are held out; the network trains on the rest.
-3. Each held-out image gets one synthetic copy, alternately at the ``planted`` and ``strong`` strengths
-   (``copy_edits.calibration_copy``); the held-out images, their copies and up to
-   ``calibration.pool_images`` training images are embedded, rounded to float16, and the thresholds are
-   chosen (``calibration.py``).
-4. The folder (``model.py``) is written under ``.<out>.partial`` and renamed when complete, with
+1. ``calibration.images`` pool images, drawn with ``seed``, are held out; the network trains on the rest.
+2. Each held-out image gets one synthetic copy, its strength (``calibration.copies``) taken in turn
+   (``edits.draw_edits``); the held-out images, their copies and up to ``calibration.pool_images`` training
+   images are embedded, rounded to float16, and the thresholds are chosen (``calibration.py``).
+3. The folder (``network.py``) is written under ``.<out>.partial`` and renamed when complete, with
    ``metrics.json`` and ``plots/`` (``train.csv``: the losses per step; ``calibration.png``).
 """
 
@@ -17,64 +15,37 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from dinov2.curation.manifest import read_manifest
-from dinov2.curation.params import DescriptorParams
-from dinov2.curation.report import write_json
-from dinov2.curation.trained_descriptor.calibration import Calibration, calibrate
-from dinov2.curation.trained_descriptor.copy_edits import CALIBRATION_STRENGTHS, TrainingEdits, calibration_copy
-from dinov2.curation.trained_descriptor.model import Architecture, CopyDetector, write_descriptor
-from dinov2.curation.trained_descriptor.training import ImageSource, Schedule, describe, fit, load_image
+from dinov2.atomic import output_folder, write_json
+from dinov2.configuration.curation import CopyEditRanges, DescriptorParams
+from dinov2.copydetect.calibration import Calibration, calibrate
+from dinov2.copydetect.edits import apply_edits, draw_edits
+from dinov2.copydetect.network import CopyDetector, write_descriptor
+from dinov2.copydetect.training import describe, fit, load_image
 
 logger = logging.getLogger(__name__)
 
 
-def architecture_of(params: DescriptorParams) -> Architecture:
-    return Architecture(
-        input_size=params.input_size,
-        width=params.width,
-        stages=params.stages,
-        blocks_per_stage=params.blocks_per_stage,
-        dim=params.dim,
-        gem_p=params.gem_p,
-    )
-
-
-def schedule_of(params: DescriptorParams) -> Schedule:
-    return Schedule(
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        weight_decay=params.weight_decay,
-        warmup_fraction=params.warmup_fraction,
-        temperature=params.temperature,
-        entropy_weight=params.entropy_weight,
-    )
-
-
-def calibration_copies(originals: Sequence, seed: int) -> tuple[list, list[str]]:
-    """One copy of each original, strengths alternating; copy i drawn from a generator seeded by (seed, i)."""
-    strengths = [CALIBRATION_STRENGTHS[i % len(CALIBRATION_STRENGTHS)] for i in range(len(originals))]
-    copies = [
-        calibration_copy(image, np.random.default_rng((seed, i)), strength)
+def calibration_copies(originals: Sequence, seed: int, copies: dict[str, CopyEditRanges]) -> tuple[list, list[str]]:
+    """One copy of each original, the strengths taken in turn; copy i drawn from a generator seeded by (seed, i)."""
+    names = list(copies)
+    strengths = [names[i % len(names)] for i in range(len(originals))]
+    edited = [
+        apply_edits(image, draw_edits(np.random.default_rng((seed, i)), image.size, copies[strength]))
         for i, (image, strength) in enumerate(zip(originals, strengths, strict=True))
     ]
-    return copies, strengths
+    return edited, strengths
 
 
 def calibrate_model(
-    model: CopyDetector,
-    originals: Sequence,
-    pool: Sequence,
-    seed: int,
-    precision_target: float,
-    false_removal_target: float,
-    device: str = "cpu",
+    model: CopyDetector, originals: Sequence, pool: Sequence, params: DescriptorParams, device: str = "cpu"
 ) -> tuple[Calibration, dict[str, np.ndarray]]:
     """Thresholds of ``model`` from held-out ``originals`` (RGB images), their synthetic copies and ``pool``
-    images; also returns the descriptors, for plots."""
-    copies, strengths = calibration_copies(originals, seed)
+    images, to the targets of ``params.calibration``; also returns the descriptors, for plots."""
+    targets = params.calibration
+    copies, strengths = calibration_copies(originals, params.seed, targets.copies)
     model.to(device)
     vectors = {
         "originals": describe(model, originals, device),
@@ -83,8 +54,9 @@ def calibrate_model(
     }
     model.cpu()
     result = calibrate(
-        vectors["originals"], vectors["copies"], strengths, vectors["pool"], precision_target, false_removal_target
-    )
+        vectors["originals"], vectors["copies"], strengths, vectors["pool"], targets.self_precision,
+        targets.relative_false_removal,
+    )  # fmt: skip
     vectors["strengths"] = np.asarray(strengths)
     return result, vectors
 
@@ -130,17 +102,14 @@ def calibration_metrics(calibration: Calibration) -> dict[str, float]:
     return metrics
 
 
-def check_inputs(manifest: Path, params: DescriptorParams) -> list[str]:
-    """The manifest's image paths, after every check that needs no training: the manifest is readable, its
-    files exist, and it holds enough images to hold some out for calibration and train on the rest."""
-    paths = read_manifest(manifest).column("path").to_pylist()
+def check_inputs(paths: Sequence[str], source: str, params: DescriptorParams) -> None:
+    """Every check that needs no training: enough images to hold some out for calibration and train on the rest."""
     held_out = params.calibration.images
     if len(paths) - held_out < 2:
         raise ValueError(
-            f"{manifest} holds {len(paths)} images: too few to hold out descriptor.calibration.images = "
+            f"{source} holds {len(paths)} images: too few to hold out descriptor.calibration.images = "
             f"{held_out} for calibration and train on the rest (at least 2)"
         )
-    return paths
 
 
 def held_out_rows(count: int, total: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,28 +119,22 @@ def held_out_rows(count: int, total: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def train_descriptor(
-    manifest: Path,
+    paths: Sequence[str],
+    source: str,
     out: Path,
     params: DescriptorParams,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Train, calibrate and write the descriptor folder ``out``; returns its metrics (also in metrics.json)."""
-    from dinov2.curation.embedders import default_device
-    from dinov2.curation.stages import output_folder
-
-    paths: list[ImageSource] = check_inputs(manifest, params)
-    held_out_count = params.calibration.images
-    device = params.device or default_device()
-    held_out, training = held_out_rows(held_out_count, len(paths), params.seed)
-    architecture, schedule = architecture_of(params), schedule_of(params)
-    edits = TrainingEdits(**params.edits.model_dump())
+    """Train on the images ``paths`` (of ``source``, a manifest), calibrate and write the descriptor folder
+    ``out``; returns its metrics (also in metrics.json)."""
+    check_inputs(paths, source, params)
+    device = params.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    held_out, training = held_out_rows(params.calibration.images, len(paths), params.seed)
     logger.info(
         "training a copy descriptor on %d images of %s (%d held out for calibration), %d epochs",
-        len(training),
-        manifest,
-        len(held_out),
-        schedule.epochs,
-    )
+        len(training), source, len(held_out), params.epochs,
+    )  # fmt: skip
+    schedule = params
     batch_size = min(schedule.batch_size, len(training))
     steps_per_epoch = len(training) // batch_size
     started = time.perf_counter()
@@ -194,35 +157,17 @@ def train_descriptor(
             if on_step is not None:
                 on_step(step, total, losses)
 
-        model, history = fit(
-            [paths[i] for i in training],
-            architecture,
-            schedule,
-            edits,
-            params.seed,
-            device=device,
-            num_workers=params.num_workers,
-            max_pixels=params.max_pixels,
-            on_step=progress,
-        )
+        model, history = fit([paths[i] for i in training], params, params.seed, device=device, on_step=progress)
     train_seconds = time.perf_counter() - started
     history_rows = [{"step": step, **losses} for step, losses in enumerate(history)]
     rate = len(history) * batch_size / train_seconds
     logger.info("trained in %.0f s (%.1f images/s, two views each)", train_seconds, rate)
 
-    size = architecture.input_size
+    size = params.input_size
     originals = [load_image(paths[i], size, params.max_pixels) for i in held_out]
     scored = training[: params.calibration.pool_images]
     pool = [load_image(paths[i], size, params.max_pixels) for i in scored]
-    calibration, vectors = calibrate_model(
-        model,
-        originals,
-        pool,
-        params.seed,
-        params.calibration.self_precision,
-        params.calibration.relative_false_removal,
-        device,
-    )
+    calibration, vectors = calibrate_model(model, originals, pool, params, device)
     logger.info(
         "self-dedup threshold %.4f (precision %.3f, recall %s), relative %.4f (recall %s, false removal %.4f)",
         calibration.self_threshold,
@@ -245,12 +190,12 @@ def train_descriptor(
         "calibration": {
             "self_precision_target": params.calibration.self_precision,
             "relative_false_removal_target": params.calibration.relative_false_removal,
-            "copy_strengths": list(CALIBRATION_STRENGTHS),
+            "copy_strengths": list(params.calibration.copies),
             **calibration.as_dict(),
         },
-        "training": {"manifest": str(manifest), "params": params.model_dump(mode="json"), "metrics": metrics},
+        "training": {"manifest": source, "params": params.model_dump(mode="json"), "metrics": metrics},
     }
-    with output_folder(out) as folder:
+    with output_folder(out, ("plots",)) as folder:
         write_descriptor(model, meta, folder)
         with open(folder / "plots" / "train.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(history_rows[0]))

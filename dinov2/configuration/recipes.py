@@ -1,20 +1,26 @@
-"""The pretraining recipe: one validated default (configs/train/default.yaml) plus small YAML deltas.
+"""Training recipes: the schema of pretraining and distillation runs, and the YAML recipes built on it.
 
-Key names follow the reference's ssl_default_config.yaml where it has them, so recipes port over;
-differences: ``train.batch_size`` is the GLOBAL batch (the sampler and the lr scaling use it, so a
-run resumes on any world size), ``train.iterations_per_epoch`` replaces OFFICIAL_EPOCH_LENGTH, and
-``deepspeed`` / ``checkpoint`` / ``data`` sections replace the FSDP settings.
+The schema's defaults are the reference's recipe (ssl_default_config.yaml), and a recipe file states only
+what it changes (``configs/recipes/vitg14.yaml`` is a dozen lines). A recipe may build on another one with
+``base: NAME`` (``distill_cpu_tiny`` on ``cpu_tiny``). Resolution order: schema defaults <- base recipes <-
+the recipe <- a params.yaml section <- ``--set`` overrides, validated as a whole; an unknown or bad key is
+an error that names it and the files it may come from. ``dinov2 recipe show NAME`` prints the result.
+
+Key names follow the reference's where it has them, so recipes port over; differences:
+``train.batch_size`` is the GLOBAL batch (the sampler and the lr scaling use it, so a run resumes on any
+world size), ``train.iterations_per_epoch`` replaces OFFICIAL_EPOCH_LENGTH, and ``deepspeed`` /
+``checkpoint`` / ``data`` sections replace the FSDP settings.
 """
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
 from dinov2.configuration import ConfigError, Section, merge, read_yaml, validate
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
-DEFAULT_RECIPE = CONFIG_DIR / "default.yaml"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
+DEFAULT_RECIPE = "default"  # the schema's defaults, no file
 
 Pair = tuple[float, float]
 
@@ -154,7 +160,7 @@ class MonitorSection(Section):
 
 
 class Recipe(Section):
-    name: str = "default"
+    name: str = DEFAULT_RECIPE
     dino: DinoSection = Field(default_factory=DinoSection)
     ibot: IbotSection = Field(default_factory=IbotSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -192,19 +198,108 @@ class Recipe(Section):
         return self.optim.epochs * self.train.iterations_per_epoch
 
 
+class HeadFittingSection(Section):
+    """Heads for a teacher that has none (released backbones): DINO + iBOT heads trained against the
+    frozen backbone's own targets, with the recipe's schedules compressed into ``iterations``."""
+
+    iterations: int = Field(1000, ge=0, description="0: no head fitting; a teacher without heads is then an error")
+    base_lr: float | None = Field(None, gt=0, description="lr for a batch of 1024; the recipe's when unset")
+
+
+class DistillationSection(Section):
+    teacher: str | None = Field(
+        None,
+        description="a run's teacher folder (backbone.safetensors + heads.safetensors), a .safetensors backbone, "
+        "a torch.hub name (dinov2_vitg14) or a .pth checkpoint path/URL",
+    )
+    teacher_weights: str | None = Field(
+        None, description="for a hub-name teacher: checkpoint path/URL, or LVD142M (the released weights)"
+    )
+    students: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"student": {}}, description="name -> keys of `student` that differ"
+    )
+    head_fitting: HeadFittingSection = Field(default_factory=HeadFittingSection)
+
+    @model_validator(mode="after")
+    def _named_students(self) -> "DistillationSection":
+        if not self.students:
+            raise ValueError("distillation.students must name at least one student")
+        for name in self.students:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"student name {name!r} must be letters, digits, '_' or '-' (it names a folder)")
+        return self
+
+
+class DistillRecipe(Recipe):
+    distillation: DistillationSection = Field(default_factory=DistillationSection)
+
+    @model_validator(mode="after")
+    def _students_fit_the_crops(self) -> "DistillRecipe":
+        for name, student in self.student_sections().items():
+            for crops in ("global_crops_size", "local_crops_size"):
+                size = getattr(self.crops, crops)
+                if size % student.patch_size:
+                    raise ValueError(
+                        f"crops.{crops} {size} is not a multiple of student {name!r}'s patch_size {student.patch_size}"
+                    )
+        return self
+
+    def student_sections(self) -> dict[str, StudentSection]:
+        """Every student's full section: ``student`` with its own keys merged over it, validated."""
+        base = self.student.model_dump()
+        sections = {}
+        for name, delta in self.distillation.students.items():
+            try:
+                sections[name] = validate(StudentSection, merge(base, delta), f"distillation.students.{name}")
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return sections
+
+
 RecipeT = TypeVar("RecipeT", bound=Recipe)
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
-    """A path, or the name of a file in configs/train/ (``vitg14`` -> configs/train/vitg14.yaml)."""
+    """A path, or the name of a file in configs/recipes/ (``vitg14`` -> configs/recipes/vitg14.yaml)."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
         return path
-    candidate = CONFIG_DIR / f"{recipe}.yaml"
+    candidate = RECIPE_DIR / f"{recipe}.yaml"
     if not candidate.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(known)} (or give a .yaml path)")
+        raise ConfigError(
+            f"unknown recipe {recipe!r}; known recipes: {', '.join(known_recipes())} (or give a .yaml path)"
+        )
     return candidate
+
+
+def known_recipes() -> list[str]:
+    return sorted([DEFAULT_RECIPE, *(path.stem for path in RECIPE_DIR.glob("*.yaml"))])
+
+
+def recipe_delta(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """A recipe's keys over those of its ``base`` recipes (not yet over the schema's defaults), and the files
+    they came from, base first. The recipe is named for its file unless it states a name; ``default`` is the
+    schema's defaults alone."""
+    if recipe == DEFAULT_RECIPE:
+        return {}, []
+    path = resolve_recipe_path(recipe)
+    if path.resolve() in _seen:
+        chain = " -> ".join(p.stem for p in (*_seen, path.resolve()))
+        raise ConfigError(f"recipe {path} builds on itself: {chain}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    files = [path]
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a recipe name or path, got {base!r}")
+        inherited, base_files = recipe_delta(base, (*_seen, path.resolve()))
+        inherited.pop("name", None)
+        data = merge(inherited, data)
+        files = [*base_files, path]
+    data.setdefault("name", path.stem)
+    return data, files
 
 
 def parse_override(text: str) -> dict:
@@ -227,36 +322,15 @@ def load_recipe(
     delta: dict | None = None,
     delta_source: str = "",
 ) -> RecipeT:
-    """Default <- recipe file <- ``delta`` (a params.yaml section) <- command-line overrides, validated
-    as a whole against ``schema``; an error names the files the bad key may come from."""
-    path = resolve_recipe_path(recipe)
-    data = read_yaml(DEFAULT_RECIPE)
-    if path.resolve() != DEFAULT_RECIPE.resolve():
-        data = merge(data, read_yaml(path))
-        data.setdefault("name", path.stem)
-        if data["name"] == "default":
-            data["name"] = path.stem
+    """Schema defaults <- recipe (over its bases) <- ``delta`` (a params.yaml section) <- command-line
+    overrides, validated as a whole against ``schema``; an error names the files the bad key may come from."""
+    data, files = recipe_delta(recipe)
     data = merge(data, delta or {})
     for override in overrides or []:
         data = merge(data, parse_override(override))
     source = (
-        str(path) + (f" with {delta_source}" if delta else "") + (f" with overrides {overrides}" if overrides else "")
+        (" over ".join(str(path) for path in reversed(files)) or "the recipe defaults")
+        + (f" with {delta_source}" if delta else "")
+        + (f" with overrides {overrides}" if overrides else "")
     )
     return validate(schema, data, source)
-
-
-def recipe_from_params(
-    params: Path | None, section: str, recipe: str | None, overrides: list[str], default: str, schema: type[RecipeT]
-) -> RecipeT:
-    """The recipe a stage command runs: ``--recipe`` (else the section's ``recipe`` key, else ``default``),
-    with the rest of the params.yaml section and then ``--set`` overrides on top."""
-    from dinov2.configuration import read_params
-
-    delta: dict = {}
-    if params is not None:
-        delta = dict(read_params(params).get(section) or {})
-        named = delta.pop("recipe", None)
-        if named is not None and not isinstance(named, str):
-            raise ConfigError(f"{params} [{section}]: 'recipe' must be a recipe name or path, got {named!r}")
-        recipe = recipe or named
-    return load_recipe(recipe or default, overrides, schema, delta, f"{params} [{section}]")

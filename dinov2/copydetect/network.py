@@ -15,7 +15,6 @@ A descriptor folder (written by ``dinov2 train-descriptor``, read by ``embed.mod
 """
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +24,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dinov2.atomic import write_json
+from dinov2.configuration.curation import DescriptorNetwork
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_FILE = "descriptor.safetensors"
 META_FILE = "descriptor.json"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    input_size: int  # images are resized to input_size x input_size (aspect not kept, as SSCD's batches)
-    width: int  # channels of the first stage
-    stages: int
-    blocks_per_stage: int
-    dim: int
-    gem_p: float
 
 
 class ResidualBlock(nn.Module):
@@ -69,7 +60,7 @@ def gem(features: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
 class CopyDetector(nn.Module):
     """(B, 3, S, S) normalised pixels -> (B, dim) unit-norm copy descriptors."""
 
-    def __init__(self, architecture: Architecture):
+    def __init__(self, architecture: DescriptorNetwork):
         super().__init__()
         self.architecture = architecture
         width = architecture.width
@@ -99,8 +90,8 @@ def write_descriptor(model: CopyDetector, meta: dict, folder: Path) -> None:
     """Weights and metadata into ``folder`` (the caller makes the folder appear only when complete)."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    record = {"architecture": asdict(model.architecture), **meta}
-    (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = {"architecture": model.architecture.model_dump(), **meta}
+    write_json(record, folder / META_FILE, sort_keys=False)
 
 
 def read_descriptor(folder: str | Path) -> tuple[CopyDetector, dict]:
@@ -112,6 +103,6 @@ def read_descriptor(folder: str | Path) -> tuple[CopyDetector, dict]:
             f"{folder} is not a descriptor folder (no {' or '.join(missing)}); write one with `dinov2 train-descriptor`"
         )
     meta = json.loads((folder / META_FILE).read_text())
-    model = CopyDetector(Architecture(**meta["architecture"]))
+    model = CopyDetector(DescriptorNetwork.model_validate(meta["architecture"]))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.eval(), meta

@@ -1,18 +1,58 @@
-"""The ``prepare``, ``embed``, ``dedup``, ``retrieve`` and ``descriptor`` sections of params.yaml, validated first."""
+"""The curation sections of params.yaml: ``prepare``, ``descriptor``, ``embed``, ``dedup`` and ``retrieve``."""
 
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from dinov2.configuration import Section
-from dinov2.curation.default_data import DISTRACTOR_PHOTOS, FASHION_MNIST, MNIST_DIGITS
-from dinov2.curation.views import parse_views
+from dinov2.configuration.views import parse_views
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, IMAGES_PER_CLASS
-from dinov2.data.images import DEFAULT_MAX_PIXELS
+from dinov2.demo_data.bundled import DISTRACTOR_PHOTOS, FASHION_MNIST, MNIST_DIGITS
+
+# Images over this many pixels are decoded at a reduced size when they are JPEGs, else skipped: a guard against
+# decompression bombs in a crawled pool, the default of every max_pixels key.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def _range(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError(f"a range must be (low, high) with low <= high, got {list(value)}")
+    return value
+
+
+class CopyEditRanges(Section):
+    """The edits of a copy and the ranges their strengths are drawn from (``dinov2/copydetect/edits.py``)."""
+
+    edits_per_copy: tuple[int, int] = Field(
+        (1, 3), description="How many edits of different kinds, among crop, rotate, flip, brightness, jpeg (5: all)."
+    )
+    crop_kept: tuple[float, float] = Field((0.80, 0.95), description="Fraction of each side a crop keeps.")
+    rotation_degrees: float = Field(10.0, ge=0, le=180, description="Largest rotation, either way.")
+    brightness: tuple[float, float] = Field((0.75, 1.25), description="Brightness factor.")
+    contrast: tuple[float, float] | None = Field(None, description="A contrast factor with the brightness; none.")
+    jpeg_quality: tuple[int, int] = Field((40, 90), description="Lowest and highest JPEG quality.")
+
+    _ranges = field_validator("crop_kept", "brightness", "contrast", "jpeg_quality")(
+        lambda value: value if value is None else _range(value)
+    )
+
+    @field_validator("edits_per_copy")
+    @classmethod
+    def _counts(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 5:
+            raise ValueError(f"edits_per_copy must satisfy 1 <= low <= high <= 5, got {list(value)}")
+        return value
+
+
+# Stronger than the copies the demo data plants: every edit at once, wider ranges.
+STRONG_COPIES = {
+    "edits_per_copy": (5, 5), "crop_kept": (0.70, 0.95), "rotation_degrees": 12.0, "brightness": (0.7, 1.3),
+    "contrast": (0.7, 1.3), "jpeg_quality": (50, 50),
+}  # fmt: skip
 
 
 class DefaultData(Section):
-    """What ``dinov2 prepare-default`` cuts the pipeline's data from, and the sizes it cuts (default_data.py).
+    """What ``dinov2 prepare-default`` cuts the pipeline's data from, and the sizes it cuts (``dinov2/demo_data/``).
 
     The checks here need no file; an image folder is checked against the sizes when the stage opens it.
     """
@@ -39,6 +79,7 @@ class DefaultData(Section):
     test_copies: int = Field(150, ge=0, description="Edited copies of evaluation test images planted in the pool.")
     distractor_digits: int = Field(500, ge=0, le=MNIST_DIGITS, description="MNIST digits planted in the pool.")
     distractor_photos: int = Field(20, ge=0, le=len(DISTRACTOR_PHOTOS), description="Photos planted in the pool.")
+    edits: CopyEditRanges = Field(default_factory=CopyEditRanges, description="The edits of the planted copies.")
 
     @model_validator(mode="after")
     def _fits_the_source(self) -> "DefaultData":
@@ -150,6 +191,13 @@ class VerifyParams(Section):
     distinct_margin: float = Field(0.1, gt=0, le=2, description="The lead a distinct match has over each rival.")
     side: int = Field(28, ge=8, le=256, description="Side of the grey thumbnails compared, in pixels.")
     steps: int = Field(48, ge=2, description="Gradient steps of each alignment (half on blurred images).")
+    learning_rate: float = Field(0.05, gt=0, description="Adam's step size in the alignment.")
+    max_log_scale: float = Field(
+        0.35, ge=0, description="Largest zoom, as its log, either way (0.35: 1.42x, a crop keeping 70% of each side)."
+    )
+    max_rotation: float = Field(0.3, ge=0, le=3.15, description="Largest rotation in radians (0.3: about 17 degrees).")
+    max_shift: float = Field(0.4, ge=0, le=1, description="Largest shift, as a fraction of half the side.")
+    batch_pairs: int = Field(256, ge=1, description="Pairs aligned at once (memory grows with it).")
 
     @model_validator(mode="after")
     def _distinct_below_threshold(self) -> "VerifyParams":
@@ -162,23 +210,34 @@ class VerifyParams(Section):
         return self
 
 
+class IndexParams(Section):
+    """The nearest-neighbour index (``dinov2/curation/index.py``): exact, or IVF-PQ for large pools."""
+
+    kind: Literal["auto", "flat", "ivfpq"] = Field("auto", description="auto: flat up to exact_limit vectors.")
+    placement: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: a GPU when there is one.")
+    exact_limit: int = Field(200_000, ge=1, description="Largest pool searched exactly when kind is auto.")
+    nprobe: int = Field(
+        64, ge=1, description="IVF-PQ: cells probed per query; fewer is faster but misses near-threshold copies."
+    )
+    training_points_per_list: int = Field(64, ge=39, description="IVF-PQ: k-means training sample per list.")
+
+
 class DedupParams(Section):
     k: int = Field(64, ge=2, description="Neighbours per image in the k-NN graph.")
     # None: the embedder's own threshold (0.6 / 0.45 for backbones as in the paper, 0.825 / 0.75 for the
     # copy descriptor), recorded in embeddings.json by the embed stage.
     self_threshold: float | None = None
     relative_threshold: float | None = None
-    index: Literal["auto", "flat", "ivfpq"] = "auto"
-    # IVF-PQ only: cells probed per query; None = index.py's 64. Fewer is faster but misses near-threshold
-    # copies on unclustered vectors (benchmarks/curation/README.md).
-    nprobe: int | None = Field(None, ge=1)
+    index: IndexParams = Field(default_factory=IndexParams)
     use_eval_views: bool = Field(True, description="Relative dedup also matches the eval images' extra views.")
-    placement: Literal["auto", "cpu", "gpu"] = "auto"
     report_groups: int = Field(8, ge=0, description="Duplicate groups drawn in the PNG grid.")
     verify: VerifyParams | None = Field(None, description="Pixel verification of candidate pairs; null: none.")
-    # Sanity checks (stages.py): a threshold calibrated for another model than the embedder, or one duplicate
-    # group holding more than max_group_share of the pool (groups of up to 10 images always pass).
+    # Sanity checks (dedup.py): a threshold calibrated for another model than the embedder, or one duplicate
+    # group holding more than max_group_share of the pool (groups of up to group_guard_min_images pass).
     max_group_share: float = Field(0.05, gt=0, le=1, description="Largest duplicate group, as a share of the pool.")
+    group_guard_min_images: int = Field(
+        10, ge=1, description="Groups of up to this many images never trip max_group_share (a few copies are common)."
+    )
     guards: Literal["error", "warn"] = Field("error", description="What a failed sanity check does.")
 
     _check = field_validator("self_threshold", "relative_threshold")(_cosine)
@@ -214,6 +273,14 @@ class RetrieveParams(Section):
     datasets: dict[str, SeedRetrieval] = Field(default_factory=dict, description="per seed source name")
     balanced: BalancedRetrieval | None = None
     report_seeds: int = Field(6, ge=0, description="seed images drawn with their retrieved neighbours.")
+    index: IndexParams = Field(default_factory=IndexParams, description="The index of the pool's embeddings.")
+    degenerate_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Warn when sample-based retrieval gets fewer distinct images than this share "
+        "of seeds x k: the embedder hardly tells the seeds apart.",
+    )
 
     @model_validator(mode="after")
     def _levels_decrease(self) -> "RetrieveParams":
@@ -228,7 +295,7 @@ class RetrieveParams(Section):
 
 
 class DescriptorEdits(Section):
-    """The copy edits that make the two training views of an image (trained_descriptor/copy_edits.py)."""
+    """The edits that make the two training views of an image (``dinov2/copydetect/edits.py``)."""
 
     crop_probability: float = Field(0.9, ge=0, le=1)
     crop_min_kept: float = Field(0.65, gt=0, le=1, description="Smallest fraction of each side a crop keeps.")
@@ -261,7 +328,7 @@ class DescriptorEdits(Section):
 
 
 class DescriptorCalibration(Section):
-    """How the dedup thresholds of a trained descriptor are measured (trained_descriptor/calibration.py)."""
+    """How the dedup thresholds of a trained descriptor are measured (``dinov2/copydetect/calibration.py``)."""
 
     images: int = Field(
         500, ge=2, le=5000, description="Pool images held out of training; each gets one synthetic copy."
@@ -271,19 +338,30 @@ class DescriptorCalibration(Section):
         0.01, ge=0, lt=1, description="Largest share of other pool images that the held-out images may remove."
     )
     pool_images: int = Field(5000, ge=1, description="Training images scored as the other pool images, at most.")
+    copies: dict[str, CopyEditRanges] = Field(
+        default_factory=lambda: {"planted": CopyEditRanges(), "strong": CopyEditRanges(**STRONG_COPIES)},
+        min_length=1,
+        description="The strengths of the held-out copies, by name; copy i has strength i modulo their number.",
+    )
 
 
-class DescriptorParams(Section):
-    """``dinov2 train-descriptor``: an SSCD-style copy-detection network trained on the pool, without labels."""
+class DescriptorNetwork(Section):
+    """The trained descriptor's network (``dinov2/copydetect/network.py``), as its folder records it."""
 
-    seed: int = 0
     input_size: int = Field(28, ge=8, description="Images are resized to this square (28: Fashion-MNIST's side).")
     width: int = Field(32, ge=4, description="Channels of the first stage; doubled at every further stage.")
     stages: int = Field(2, ge=1, le=6, description="Each stage after the first halves the resolution.")
     blocks_per_stage: int = Field(2, ge=0, le=8, description="Residual blocks in every stage.")
     dim: int = Field(128, ge=8, description="Size of the descriptor.")
     gem_p: float = Field(3.0, ge=1, description="Exponent of the generalised-mean pooling.")
-    epochs: int = Field(36, ge=1, description="Passes over the pool (36: 13.5 min for the default data on 2 cores).")
+
+
+class DescriptorParams(DescriptorNetwork):
+    """``dinov2 train-descriptor``: an SSCD-style copy-detection network trained on the pool, without labels: the
+    network's keys, then training's."""
+
+    seed: int = 0
+    epochs: int = Field(36, ge=1, description="Passes over the pool.")
     batch_size: int = Field(128, ge=2, description="Images per step (two views each).")
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -295,3 +373,7 @@ class DescriptorParams(Section):
     max_pixels: int | None = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger JPEGs are decoded at reduced size.")
     edits: DescriptorEdits = Field(default_factory=DescriptorEdits)
     calibration: DescriptorCalibration = Field(default_factory=DescriptorCalibration)
+
+    @property
+    def network(self) -> DescriptorNetwork:
+        return DescriptorNetwork(**self.model_dump(include=set(DescriptorNetwork.model_fields)))

@@ -11,10 +11,14 @@ fitted by gradient descent on the normalised cross-correlation (first on slightl
 on the pixels), with and without a mirror, in both directions; the score is the best correlation found.
 The normalisation makes it blind to brightness and contrast, and the fit covers crops (a crop resized
 back is a zoom), small rotations and mirrors; the warp is masked outside the rotated canvas, where a rotated
-copy is black. The score is in [-1, 1]: a copy of the default data scores
-about 0.99 with its original, different garments mostly below 0.97 (``dinov2/curation/README.md``).
+copy is black. The score is in [-1, 1]: on the default data a copy scores close to 1 with its original,
+different garments lower (``benchmarks/curation/README.md`` has the measured separation).
+
+``verify_pairs`` is dedup's verification step: given the candidate edges of the k-NN graph and the image of
+each row, it reads each image once, scores each pair of images once and keeps the edges that hold.
 """
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,13 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinov2.configuration.curation import VerifyParams
 from dinov2.data.images import grey_thumbnail, read_rgb
 
-MAX_LOG_SCALE = 0.35  # zoom of at most 1.42x either way: a crop keeping 70% of each side
-MAX_ROTATION = 0.3  # radians, about 17 degrees
-MAX_SHIFT = 0.4  # of half the side
-LEARNING_RATE = 0.05
-BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+logger = logging.getLogger(__name__)
+BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16  # the 3 x 3 binomial kernel
 
 
 def grey_thumbnails(paths: Sequence[str | Path], side: int) -> torch.Tensor:
@@ -64,13 +66,13 @@ def _frame(rotation: torch.Tensor, side: int) -> torch.Tensor:
     return inside(cos * x - sin * y) * inside(sin * x + cos * y)
 
 
-def _fit(fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> torch.Tensor:
+def _fit(fixed: torch.Tensor, moving: torch.Tensor, search: VerifyParams) -> torch.Tensor:
     """The best correlation of ``fixed`` with ``moving`` warped by a similarity transform, per pair."""
-    count, side = len(fixed), fixed.shape[-1]
+    count, side, steps = len(fixed), fixed.shape[-1], search.steps
     log_scale = torch.zeros(count, requires_grad=True)
     rotation = torch.zeros(count, requires_grad=True)
     shift = torch.zeros(count, 2, requires_grad=True)
-    optimizer = torch.optim.Adam([log_scale, rotation, shift], lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam([log_scale, rotation, shift], lr=search.learning_rate)
     fixed_blurred = _blur(fixed)
 
     def warp() -> torch.Tensor:
@@ -94,16 +96,16 @@ def _fit(fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> torch.Tensor:
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            log_scale.clamp_(-MAX_LOG_SCALE, MAX_LOG_SCALE)
-            rotation.clamp_(-MAX_ROTATION, MAX_ROTATION)
-            shift.clamp_(-MAX_SHIFT, MAX_SHIFT)
+            log_scale.clamp_(-search.max_log_scale, search.max_log_scale)
+            rotation.clamp_(-search.max_rotation, search.max_rotation)
+            shift.clamp_(-search.max_shift, search.max_shift)
     with torch.no_grad():
         return _correlation(fixed, warp())
 
 
-def aligned_correlation(first: torch.Tensor, second: torch.Tensor, steps: int = 48) -> torch.Tensor:
-    """Per pair of (N, side, side) grey images: the best correlation over similarity transforms, mirrors and
-    the direction of the warp."""
+def aligned_correlation(first: torch.Tensor, second: torch.Tensor, search: VerifyParams) -> torch.Tensor:
+    """Per pair of (N, side, side) grey images: the best correlation over similarity transforms (within the
+    bounds of ``search``), mirrors and the direction of the warp."""
     if first.shape != second.shape or first.dim() != 3:
         raise ValueError(
             f"expected two (N, side, side) batches of the same shape, got {first.shape} and {second.shape}"
@@ -112,34 +114,62 @@ def aligned_correlation(first: torch.Tensor, second: torch.Tensor, steps: int = 
         return torch.zeros(0)
     with torch.enable_grad():
         scores = [
-            _fit(fixed, moving, steps)
+            _fit(fixed, moving, search)
             for fixed, moving in ((first, second), (first, second.flip(-1)), (second, first), (second, first.flip(-1)))
         ]
     return torch.stack(scores).max(0).values
 
 
 def verified_edges(
-    edges: np.ndarray,
-    thumbnail: Callable[[np.ndarray], torch.Tensor],
-    threshold: float,
-    steps: int = 48,
-    batch_size: int = 256,
+    edges: np.ndarray, thumbnail: Callable[[np.ndarray], torch.Tensor], threshold: float, search: VerifyParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """The edges (E, 2) whose two images' aligned correlation reaches ``threshold``, and every edge's score.
     ``thumbnail(rows)`` returns the grey thumbnails of those rows; an edge and its reverse are scored once."""
     edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
     pairs, inverse = np.unique(np.sort(edges, axis=1), axis=0, return_inverse=True)
     scores = np.empty(len(pairs), dtype=np.float32)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
+    for start in range(0, len(pairs), search.batch_pairs):
+        chunk = pairs[start : start + search.batch_pairs]
         rows, local = np.unique(chunk, return_inverse=True)
         images = thumbnail(rows)
         local = local.reshape(chunk.shape)
         scores[start : start + len(chunk)] = aligned_correlation(
-            images[local[:, 0]], images[local[:, 1]], steps
+            images[local[:, 0]], images[local[:, 1]], search
         ).numpy()
     edge_scores = scores[inverse.reshape(-1)] if len(edges) else scores
     return edges[edge_scores >= threshold], edge_scores
+
+
+def verify_pairs(
+    edges: np.ndarray, paths: Sequence[str], params: VerifyParams, relative: bool
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The candidate edges (E, 2) of a graph whose row i is the image ``paths[i]`` that hold, and the image
+    pairs scored and kept. Each image is read once and each pair of images scored once: an image is in many
+    pairs, and an evaluation image is also the row of each of its views. ``relative`` (pool-evaluation pairs)
+    takes ``relative_threshold`` and adds the distinct-match rule."""
+    kind = "relative" if relative else "self"
+    threshold = params.relative_threshold if relative and params.relative_threshold is not None else params.threshold
+    distinct_threshold = params.distinct_threshold if relative else None
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    rows = np.unique(edges)
+    distinct = sorted({paths[row] for row in rows})
+    images = grey_thumbnails(distinct, params.side)
+    position = {path: n for n, path in enumerate(distinct)}
+    image_of = np.zeros(rows.max() + 1 if len(rows) else 0, dtype=np.int64)
+    image_of[rows] = [position[paths[row]] for row in rows]
+    pairs, inverse = np.unique(np.sort(image_of[edges], axis=1), axis=0, return_inverse=True)
+    _, scores = verified_edges(pairs, lambda chosen: images[chosen].float() / 255, threshold, params)
+    holds = scores >= threshold
+    if distinct_threshold is not None:
+        holds |= (scores >= distinct_threshold) & distinct_matches(pairs, scores, params.distinct_margin)
+    counts = {f"dedup/{kind}_candidate_pairs": len(pairs), f"dedup/{kind}_verified_pairs": int(holds.sum())}
+    logger.info(
+        "%s dedup: %d of %d candidate image pairs verified (aligned pixel correlation >= %s%s)",
+        kind, counts[f"dedup/{kind}_verified_pairs"], len(pairs), threshold,
+        "" if distinct_threshold is None
+        else f", or >= {distinct_threshold} for a distinct match leading by {params.distinct_margin}",
+    )  # fmt: skip
+    return edges[holds[inverse.reshape(-1)]], counts
 
 
 def distinct_matches(pairs: np.ndarray, scores: np.ndarray, margin: float) -> np.ndarray:

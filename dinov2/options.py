@@ -1,0 +1,13 @@
+"""Command-line options every stage command shares."""
+
+import typer
+
+PARAMS = typer.Option(
+    None,
+    help="params.yaml-style file whose section for this command is read [default: ./params.yaml if there is "
+    "one, else the schemas' defaults].",
+)
+RECIPE = typer.Option(
+    None, help="A recipe of configs/recipes/ (cpu_tiny, vitg14, ...) or a .yaml path [default: the params section's]."
+)
+OVERRIDES = typer.Option([], "--set", help="Recipe override, e.g. --set optim.epochs=20 (repeatable).")
