@@ -7,9 +7,7 @@ embeddings, their cosine-similarity matrix and a PCA-of-patch-features picture, 
 as safetensors (hub and timm layouts), reloads the export and checks it gives the same features.
 """
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dinov2.atomic import output_folder, write_json
 from dinov2.data.images import SkippedImages, list_images, try_read_rgb
 from dinov2.data.transforms import make_eval_transform
 from dinov2.demo_data.bundled import photo
@@ -74,36 +73,32 @@ def run_demo(
     cls = F.normalize(torch.cat(cls_tokens), dim=-1)
     patches = torch.cat(patch_tokens)
 
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    np.save(partial / "embeddings.npy", cls.numpy().astype(np.float16))
-    (partial / "ids.txt").write_text("".join(f"{name}\n" for name, _ in photos))
-    np.savetxt(partial / "cosine_similarity.csv", (cls @ cls.T).numpy(), delimiter=",", fmt="%.4f")
-    patch_pca_picture(patches, crop_size // model.patch_size).save(partial / "patch_pca.png")
+    with output_folder(out) as partial:
+        np.save(partial / "embeddings.npy", cls.numpy().astype(np.float16))
+        (partial / "ids.txt").write_text("".join(f"{name}\n" for name, _ in photos))
+        np.savetxt(partial / "cosine_similarity.csv", (cls @ cls.T).numpy(), delimiter=",", fmt="%.4f")
+        patch_pca_picture(patches, crop_size // model.patch_size).save(partial / "patch_pca.png")
 
-    save_backbone(model, partial / "backbone.safetensors", metadata={"hub_name": model_name})
-    save_timm(model, partial / "backbone_timm.safetensors")
-    reloaded = load_backbone(partial / "backbone.safetensors").eval()
-    with torch.inference_mode():
-        reloaded_cls = F.normalize(reloaded(pixels[:batch_size]), dim=-1)
-    max_difference = float((reloaded_cls - cls[:batch_size]).abs().max())
+        save_backbone(model, partial / "backbone.safetensors", metadata={"hub_name": model_name})
+        save_timm(model, partial / "backbone_timm.safetensors")
+        reloaded = load_backbone(partial / "backbone.safetensors").eval()
+        with torch.inference_mode():
+            reloaded_cls = F.normalize(reloaded(pixels[:batch_size]), dim=-1)
+        max_difference = float((reloaded_cls - cls[:batch_size]).abs().max())
 
-    summary = {
-        "model": model_name,
-        "weights": weights or "random init (pass --weights for a checkpoint)",
-        "parameters": count_parameters(model),
-        "images": len(photos),
-        "unreadable_images": len(skipped),
-        "unreadable_paths": skipped.paths,
-        "crop_size": crop_size,
-        "embedding_dim": cls.shape[1],
-        "images_per_second": round(len(photos) / seconds, 2),
-        "reload_max_abs_difference": max_difference,
-    }
-    (partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if max_difference > 1e-5:
-        raise RuntimeError(f"the exported backbone gives different features (max difference {max_difference})")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+        summary = {
+            "model": model_name,
+            "weights": weights or "random init (pass --weights for a checkpoint)",
+            "parameters": count_parameters(model),
+            "images": len(photos),
+            "unreadable_images": len(skipped),
+            "unreadable_paths": skipped.paths,
+            "crop_size": crop_size,
+            "embedding_dim": cls.shape[1],
+            "images_per_second": round(len(photos) / seconds, 2),
+            "reload_max_abs_difference": max_difference,
+        }
+        write_json(summary, partial / "summary.json", sort_keys=False)
+        if max_difference > 1e-5:
+            raise RuntimeError(f"the exported backbone gives different features (max difference {max_difference})")
     return summary

@@ -25,6 +25,7 @@ from typing import Literal
 import jinja2
 from pydantic import Field
 
+from dinov2.atomic import write_atomically
 from dinov2.configuration import Section
 from flows.stages import StageFailed, run_command
 
@@ -156,11 +157,8 @@ def launch_plan(
 
 
 def write_files(plan: LaunchPlan, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for name, text in plan.files.items():
-        partial = folder / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(folder / name)
+        write_atomically(folder / name, lambda partial, text=text: partial.write_text(text))
 
 
 def _capture(command: list[str]) -> str:

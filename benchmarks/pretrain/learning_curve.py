@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dinov2.atomic import write_atomically, write_json
 from dinov2.configuration.recipes import Recipe, load_recipe
 
 TAIL_ITERATIONS = 20  # collapse statistics are averaged over the last iterations of the run
@@ -203,16 +204,8 @@ def plot(rows: list[dict[str, float]], pixels: float, title: str, path: Path) ->
     axes[1].legend(loc="best", fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, dpi=80, format="png")
+    write_atomically(path, lambda partial: figure.savefig(partial, dpi=80, format="png"))
     plt.close(figure)
-    partial.rename(path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.rename(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,10 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     columns = ["iteration", "images_seen", "minutes", "knn_top1_k20"]
     lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
-    write_atomically(output / "curve.csv", "\n".join(lines) + "\n")
+    write_atomically(output / "curve.csv", lambda partial: partial.write_text("\n".join(lines) + "\n"))
     title = f"{recipe.name} {' '.join(arguments.overrides)}"
     plot(rows, pixels, title, output / "curve.png")
-    write_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(summary, output / "summary.json", sort_keys=False)
     print(json.dumps(summary))  # one line: the last line a caller parses
     return summary
 

@@ -2,8 +2,6 @@
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import typer
@@ -28,6 +26,7 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a frozen backbone: kNN, linear probe, logistic regression, retrieval, dense heads (see params)."""
+    from dinov2.atomic import output_folder
     from dinov2.configuration.params import load_section
     from dinov2.eval.report import mlflow_metrics, write_metrics_json, write_report
     from dinov2.eval.suite import check_inputs, load_evaluated_backbone, run_suite
@@ -51,12 +50,8 @@ def evaluate(
     config = {"evaluate": json.loads(settings.model_dump_json()), "backbone": backbone, "weights": weights}
     with tracked_run("evaluate", config=config, run_name=f"{settings.dataset}/{Path(backbone).name}") as tracker:
         result = run_suite(settings, evaluated)
-        partial = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        write_report(result, backbone, partial)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        with output_folder(out) as partial:
+            write_report(result, backbone, partial)
         write_metrics_json(result, backbone, metrics)
         tracker.log_metrics(mlflow_metrics(result))
         tracker.log_dict(result.details, "evaluate/details.json")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dinov2.atomic import write_atomically
 from dinov2.eval.datasets import collate_readable
-from dinov2.hub.export import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ temporary name and renamed when complete: an interrupted export never leaves a f
 """
 
 import json
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dinov2.atomic import write_atomically
 from dinov2.hub.checkpoints import CheckpointError, load_state_dict_strict, to_backbone_keys
 from dinov2.layers.mlp import swiglu_hidden_dim
 from dinov2.models import DinoVisionTransformer
@@ -24,18 +24,6 @@ BACKBONE_FORMAT = "dinov2-backbone"
 TIMM_FORMAT = "timm-vit"
 
 _TIMM_ARCH = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant"}
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
 
 
 def _contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,6 +37,14 @@ def save_backbone(model: DinoVisionTransformer, path: str | Path, metadata: Mapp
     header = {FORMAT_KEY: BACKBONE_FORMAT, CONFIG_KEY: json.dumps(model.config), **(metadata or {})}
     state_dict = _contiguous(model.state_dict())
     return write_atomically(path, lambda tmp: save_file(state_dict, str(tmp), metadata=header))
+
+
+def is_backbone_file(source: str | Path) -> bool:
+    """Whether ``source`` names a backbone that holds its architecture: a ``.safetensors`` from
+    ``save_backbone`` (or a training run), or a Hugging Face DINOv2 folder."""
+    from dinov2.hub.transformers import is_hf_folder
+
+    return str(source).endswith(".safetensors") or is_hf_folder(source)
 
 
 def load_backbone(path: str | Path, **overrides) -> DinoVisionTransformer:

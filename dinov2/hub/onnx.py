@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinov2.hub.export import write_atomically
+from dinov2.atomic import write_atomically
 from dinov2.models import DinoVisionTransformer
 
 INPUT_NAME = "images"

@@ -19,12 +19,12 @@ under ``dinov2_backbone``, so importing our own export gives back the same model
 
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from dinov2.atomic import output_folder, write_json
 from dinov2.hub.checkpoints import CheckpointError, load_state_dict_strict
 from dinov2.models import DinoVisionTransformer
 
@@ -339,18 +339,9 @@ def save_hf(model: DinoVisionTransformer, folder: str | Path) -> Path:
     config = to_hf_config(model.config)
     state_dict = to_hf_state_dict(model.state_dict())
     _prepare_folder(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with output_folder(folder) as staging:
         save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(config, staging / CONFIG_FILE)
     return folder
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinov2.hub.export import save_backbone, write_atomically
+from dinov2.atomic import write_atomically
+from dinov2.hub.export import save_backbone
 
 
 def _storage(parameter: nn.Parameter) -> torch.Tensor:
