@@ -210,6 +210,7 @@ class DistillationSection(Section):
     teacher: str | None = Field(
         None,
         description="a run's teacher folder (backbone.safetensors + heads.safetensors), a .safetensors backbone, "
+        "a Hugging Face DINOv2 folder, "
         "a torch.hub name (dinov2_vitg14) or a .pth checkpoint path/URL",
     )
     teacher_weights: str | None = Field(

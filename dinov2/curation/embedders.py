@@ -246,7 +246,9 @@ def build_embedder(model: str, weights: str | None = None, crop_size: int = 224,
         local = Path(repo).is_dir()
         network = torch.hub.load(repo, entry, source="local" if local else "github", trust_repo=True)
         return BackboneEmbedder(network, model, crop_size, device)
-    if model.endswith(".safetensors"):
+    from dinov2.hub.export import is_backbone_file
+
+    if is_backbone_file(model):
         from dinov2.hub import load_backbone
 
         return BackboneEmbedder(load_backbone(model), embedder_name(model), crop_size, device)

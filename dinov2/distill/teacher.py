@@ -151,10 +151,15 @@ def inspect_teacher(source: str | None, weights: str | None = None) -> TeacherSp
     if "://" not in source and not path.exists():
         raise TeacherError(f"teacher {source} does not exist (expected a run's teacher/ folder, a .safetensors "
                            f"backbone, a torch.hub name such as dinov2_vitg14, or a .pth checkpoint)")  # fmt: skip
+    if path.is_dir() and not (path / "backbone.safetensors").is_file():
+        from dinov2.hub.transformers import from_hf_config, is_hf_folder
+
+        if not is_hf_folder(path):
+            raise TeacherError(f"teacher folder {source} has no backbone.safetensors (nor a Hugging Face config.json)")
+        config = from_hf_config(json.loads((path / "config.json").read_text()))
+        return TeacherSpec(source=source, config=config, backbone_file=path)  # a Hugging Face folder: no heads
     if path.is_dir():
         path = path / "backbone.safetensors"
-        if not path.is_file():
-            raise TeacherError(f"teacher folder {source} has no backbone.safetensors")
     if path.suffix == ".safetensors":
         header, _ = _safetensors_shapes(path)
         if header.get(FORMAT_KEY) != BACKBONE_FORMAT or CONFIG_KEY not in header:
@@ -187,6 +192,10 @@ def load_teacher(spec: TeacherSpec) -> nn.ModuleDict:
 
     if spec.hub_name is not None:
         backbone = create(spec.hub_name, pretrained=True, weights=spec.weights)
+    elif spec.backbone_file is not None and spec.backbone_file.is_dir():
+        from dinov2.hub.export import load_backbone
+
+        backbone = load_backbone(spec.backbone_file)
     elif spec.backbone_file is not None and spec.backbone_file.suffix == ".safetensors":
         backbone = DinoVisionTransformer(**spec.config)
         load_state_dict_strict(backbone, to_backbone_keys(load_file(str(spec.backbone_file))), spec.source)

@@ -43,14 +43,16 @@ class Backbone:
 
 
 def load_evaluated_backbone(backbone: str, weights: str | None = None) -> Backbone:
-    """A hub name (random init without ``weights``), a safetensors file from ``save_backbone``, or raw_pixels."""
+    """A hub name (random init without ``weights``), a backbone file (``save_backbone``'s safetensors or a Hugging
+    Face folder), or raw_pixels."""
     from dinov2.hub import create, load_backbone
+    from dinov2.hub.export import is_backbone_file
 
     if backbone == RAW_PIXELS:
         if weights:
             raise ValueError("raw_pixels takes no weights")
         return Backbone(RAW_PIXELS, None, RAW_PIXELS)
-    if backbone.endswith(".safetensors"):
+    if is_backbone_file(backbone):
         if weights:
             raise ValueError(f"{backbone} holds its own weights; drop --weights")
         model = load_backbone(backbone)

@@ -57,10 +57,14 @@ def build_backbone(
 
 
 def load_pretrained(backbone: DinoVisionTransformer, source: str) -> None:
-    """Strictly load backbone weights: our safetensors exports or any checkpoint the hub loader reads."""
+    """Strictly load backbone weights: our safetensors exports, a Hugging Face DINOv2 folder, or any checkpoint
+    the hub loader reads."""
     from dinov2.hub.checkpoints import load_backbone_weights, load_state_dict_strict, to_backbone_keys
+    from dinov2.hub.export import is_backbone_file, load_backbone
 
-    if str(source).endswith(".safetensors"):
+    if Path(source).is_dir() and is_backbone_file(source):
+        load_state_dict_strict(backbone, load_backbone(source).state_dict(), str(source))
+    elif str(source).endswith(".safetensors"):
         from safetensors.torch import load_file
 
         if not Path(source).is_file():

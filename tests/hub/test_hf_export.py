@@ -208,3 +208,24 @@ def test_cli_export_is_logged_to_mlflow(cli, mlflow_uri, tiny_vit, tmp_path):
     assert {"export/parity_pooler_output_train", "export/parity_last_hidden_state_resized"} <= set(run.data.metrics)
     artifacts = [item.path for item in client.list_artifacts(run.info.run_id, "export/hf")]
     assert sorted(artifacts) == ["export/hf/config.json", "export/hf/model.safetensors"]
+
+
+def test_an_hf_folder_is_a_distillation_teacher_an_evaluated_backbone_and_a_student_initialisation(tiny_vit, tmp_path):
+    from dinov2.distill.teacher import inspect_teacher, load_teacher
+    from dinov2.eval.suite import load_evaluated_backbone
+    from dinov2.train.ssl_meta_arch import load_pretrained
+
+    model = perturbed(tiny_vit(**REGISTERS))
+    folder = save_hf(model, tmp_path / "hf")
+    x = images(2, 32, 32)
+    spec = inspect_teacher(str(folder))
+    assert spec.heads_file is None and spec.config["num_register_tokens"] == REGISTERS["num_register_tokens"]
+    teacher = load_teacher(spec)
+    assert list(teacher) == ["backbone"]  # headless: distillation fits the heads first
+    evaluated = load_evaluated_backbone(str(folder)).model
+    student = type(model)(**spec.config)
+    load_pretrained(student, str(folder))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        for backbone in (teacher["backbone"], evaluated, student):
+            torch.testing.assert_close(backbone.eval()(x), expected, rtol=0, atol=0)
