@@ -4,7 +4,7 @@ The schema's defaults are the reference's recipe (ssl_default_config.yaml), and 
 what it changes (``configs/recipes/vitg14.yaml`` is a dozen lines). A recipe may build on another one with
 ``base: NAME`` (``distill_cpu_tiny`` on ``cpu_tiny``). Resolution order: schema defaults <- base recipes <-
 the recipe <- a params.yaml section <- ``--set`` overrides, validated as a whole; an unknown or bad key is
-an error that names it and the files it may come from. ``dinov2 recipe show NAME`` prints the result.
+an error that names it and the files it may come from. ``dinov2 config pretrain --recipe NAME`` prints the result.
 
 Key names follow the reference's where it has them, so recipes port over; differences:
 ``train.batch_size`` is the GLOBAL batch (the sampler and the lr scaling use it, so a run resumes on any

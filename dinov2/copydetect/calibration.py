@@ -1,7 +1,7 @@
 """Dedup thresholds of a descriptor, measured on copies made for the purpose: no labels needed.
 
 The inputs are descriptors of M held-out pool images ("originals"), of one synthetic copy of each
-(``copy_edits.calibration_copy``, each at a recorded strength) and of other pool images:
+(``stage.calibration_copies``, each at a recorded strength) and of other pool images:
 
 - self-dedup: every pair among the 2M originals and copies is scored; an original with its own copy is
   a true pair, every other pair a false one. The self threshold is the lowest cosine whose pairs above

@@ -12,10 +12,9 @@ descriptor is an honest stand-in for finding re-encoded, resized, slightly cropp
   resizes, and it separates images whose layouts happen to match.
 
 Both parts are L2-normalised and concatenated with weights 0.4 and 0.6 (of the squared norm), so the
-cosine of two descriptors is 0.4 x layout cosine + 0.6 x colour cosine. Measured on 3,000 CIFAR-10 test
-images with 1,200 planted copies, the cosine threshold where precision and recall are both about 0.98
-is 0.825 (see dinov2/curation/README.md), far from the 0.6 of SSCD: the dedup thresholds are therefore
-a property of the embedder (``COPY_DESCRIPTOR_THRESHOLDS``).
+cosine of two descriptors is 0.4 x layout cosine + 0.6 x colour cosine. Its thresholds were measured on
+planted copies of CIFAR-10 (benchmarks/curation/README.md) and are far from SSCD's 0.6: dedup thresholds
+are a property of the embedder (``COPY_DESCRIPTOR_THRESHOLDS``).
 """
 
 import numpy as np

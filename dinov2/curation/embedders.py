@@ -2,7 +2,7 @@
 
 ``build_embedder(model, weights)`` accepts:
 
-- ``copy_descriptor``: the training-free copy-detection descriptor of ``descriptors.py``;
+- ``copy_descriptor``: the training-free copy-detection descriptor of ``dinov2/copydetect/copy_descriptor.py``;
 - ``raw_pixels``: the image resized to ``crop_size`` squared, mean-centred: a semantic baseline for retrieval
   that needs no trained model (the evaluation's raw-pixel baseline, per image);
 - a hub name such as ``dinov2_vits14`` (random init, or ``weights`` = path / URL / ``LVD142M``);

@@ -5,7 +5,7 @@ whole evaluation image can then miss it at a threshold strict enough to keep unr
 Embedding each EVALUATION image a few more times, as the crops a copier typically makes, and removing
 pool images near any of these views raises the recall of relative dedup without lowering its threshold.
 Only evaluation-side points are added, so the k-NN graph gains no links between pool images and
-chaining through the pool does not grow (measured in dinov2/curation/README.md).
+chaining through the pool does not grow (measured in benchmarks/curation/README.md).
 
 A view is named by a string:
 
