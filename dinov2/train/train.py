@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +41,6 @@ from dinov2.train.engine import initialize_engine, peak_memory_gib
 from dinov2.train.monitoring import MetricsHistory, knn_metrics
 from dinov2.train.param_groups import apply_schedules
 from dinov2.train.schedules import Schedules, build_schedules
-from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.teacher import export_models, load_ema_state, update_emas
 
 logger = logging.getLogger(__name__)
@@ -60,6 +58,7 @@ class RunResult:
     iteration: int
     metrics: dict[str, float]
     output_dir: Path
+    start: int = 0  # the iteration this call started from (> 0: resumed)
 
 
 def open_dataset(path: str | Path, transform):
@@ -125,6 +124,7 @@ class Tracking:
     run_name: str
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)  # facts about the run, written into metrics.json
 
 
 @dataclass
@@ -286,6 +286,57 @@ def _resumed_run(run: Run, run_file: Path) -> str | None:
     return run_file.read_text().strip() if run.start > 0 and run_file.is_file() else None
 
 
+def _progress(stage: str, run: Run) -> Progress:
+    return Progress(
+        TextColumn(stage), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not run.is_writer,
+    )  # fmt: skip
+
+
+def _after_step(
+    run: Run, iteration: int, metrics: dict[str, float], tracker: Tracker, history: MetricsHistory,
+    monitor: CollapseMonitor,
+) -> None:  # fmt: skip
+    """Record iteration ``iteration`` (MLflow, train.csv, the collapse monitor, a log line), then do what falls
+    due at it: the kNN probe, a checkpoint, an export."""
+    recipe, total = run.recipe, run.recipe.total_iterations
+    plain = {key.removeprefix("train/"): value for key, value in metrics.items()}
+    tracker.log_metrics(metrics, step=iteration)
+    for warning in monitor.update(iteration, plain):
+        tracker.set_tags({"dinov2.collapse": warning[:5000]})
+    history.append(iteration, plain)
+    if run.is_writer and (iteration % LOG_EVERY == 0 or iteration == run.stop):
+        logger.info(
+            "iteration %d/%d  loss %.4f  lr %.2e  %.1f img/s  %.2f GiB", iteration, total, plain["total_loss"],
+            plain["lr"], plain["images_per_second"], plain["peak_memory_gib"],
+        )  # fmt: skip
+    knn_every = recipe.evaluation.knn_every_n_iterations
+    if run.knn_root is not None and knn_every and iteration % knn_every == 0 and iteration < total:
+        tracker.log_metrics({f"train/{k}": v for k, v in run.knn().items()}, step=iteration)
+        run.objective.train()
+    if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == run.stop:
+        save_checkpoint(
+            run.engine, run.objective.ema_state(), run.checkpoints, iteration, run.sampler,
+            recipe.checkpoint.keep_last, run.is_writer,
+        )  # fmt: skip
+    if iteration % recipe.checkpoint.export_every_n_iterations == 0 or iteration == total:
+        run.export(lambda name: run.output_dir / "exports" / f"iter_{iteration:07d}" / name, iteration)
+
+
+def _finish(run: Run, iteration: int, tracker: Tracker) -> dict[str, float]:
+    """At the recipe's last iteration: the final models (logged to MLflow) and their kNN accuracy."""
+    if iteration != run.recipe.total_iterations:
+        return {}
+    finals = run.export(lambda name: run.output_dir / name, iteration)
+    knn = run.knn() if run.knn_root is not None else {}
+    if knn:
+        tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
+    if run.is_writer:
+        for final in finals:
+            tracker.log_artifact(final, final.relative_to(run.output_dir).as_posix())
+    return knn
+
+
 def run_training(
     build: Callable[[], "Objective"],
     recipe: Recipe,
@@ -300,11 +351,10 @@ def run_training(
     more in this call. The objective is built right after seeding, so its initialisation is the seed's."""
     output_dir = Path(output_dir)
     run = set_up(build, recipe, data, output_dir, max_iterations, knn_data, collate)
-    total, checkpoint = recipe.total_iterations, recipe.checkpoint
     if run.is_writer:
         write_json(recipe.model_dump(mode="json"), output_dir / "recipe.json", sort_keys=False)
     run_file = output_dir / "mlflow_run_id"
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(tracking.summary)
     step_metrics: dict[str, float] = {}  # the last iteration's, reported at the end
     with tracked_run(
         tracking.stage, recipe=recipe.name, config=recipe.model_dump(mode="json"), run_name=tracking.run_name,
@@ -322,68 +372,20 @@ def run_training(
             watch.window, watch.entropy_threshold, watch.cosine_threshold, watch.grace_iterations, watch.stop
         )
         run.objective.train()
-        progress = Progress(
-            TextColumn(tracking.stage), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            disable=not run.is_writer,
-        )  # fmt: skip
-        with progress:
+        iteration = run.start
+        with _progress(tracking.stage, run) as progress:
             task = progress.add_task(tracking.stage, total=run.stop, completed=run.start, status="")
-            iteration = run.start
             while iteration < run.stop:
                 step_metrics = train_step(run, iteration)
                 iteration += 1
-                plain = {k.removeprefix("train/"): v for k, v in step_metrics.items()}
-                tracker.log_metrics(step_metrics, step=iteration)
-                for warning in monitor.update(iteration, plain):
-                    tracker.set_tags({"dinov2.collapse": warning[:5000]})
-                history.append(iteration, plain)
-                progress.update(task, completed=iteration, status=f"loss {plain['total_loss']:.3f}")
-                if run.is_writer and (iteration % LOG_EVERY == 0 or iteration == run.stop):
-                    logger.info(
-                        "iteration %d/%d  loss %.4f  lr %.2e  %.1f img/s  %.2f GiB", iteration, total,
-                        plain["total_loss"], plain["lr"], plain["images_per_second"], plain["peak_memory_gib"],
-                    )  # fmt: skip
-                knn_every = recipe.evaluation.knn_every_n_iterations
-                if run.knn_root is not None and knn_every and iteration % knn_every == 0 and iteration < total:
-                    tracker.log_metrics({f"train/{k}": v for k, v in run.knn().items()}, step=iteration)
-                    run.objective.train()
-                if iteration % checkpoint.every_n_iterations == 0 or iteration == run.stop:
-                    save_checkpoint(
-                        run.engine, run.objective.ema_state(), run.checkpoints, iteration, run.sampler,
-                        checkpoint.keep_last, run.is_writer,
-                    )  # fmt: skip
-                if iteration % checkpoint.export_every_n_iterations == 0 or iteration == total:
-                    run.export(lambda name, i=iteration: output_dir / "exports" / f"iter_{i:07d}" / name, iteration)
+                _after_step(run, iteration, step_metrics, tracker, history, monitor)
+                progress.update(task, completed=iteration, status=f"loss {step_metrics['train/total_loss']:.3f}")
         history.close()
         metrics.update({k.removeprefix("train/"): v for k, v in step_metrics.items()})
         metrics.update(monitor.summary())
-        if iteration == total:
-            finals = run.export(lambda name: output_dir / name, iteration)
-            if run.knn_root is not None:
-                knn = run.knn()
-                metrics.update(knn)
-                tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
-            if run.is_writer:
-                for final in finals:
-                    tracker.log_artifact(final, final.relative_to(output_dir).as_posix())
+        metrics.update(_finish(run, iteration, tracker))
         if run.is_writer:
             metrics["iteration"] = iteration
             write_json(metrics, output_dir / "metrics.json")
     barrier()
-    return RunResult(iteration, metrics, output_dir)
-
-
-def pretrain(
-    recipe: Recipe,
-    data: str | Path,
-    output_dir: str | Path,
-    max_iterations: int | None = None,
-    knn_data: str | Path | None = None,
-) -> RunResult:
-    """DINOv2 pretraining (or its resumption) until the recipe's last iteration, or ``max_iterations``."""
-    tracking = Tracking(stage="pretrain", run_name=f"{recipe.name} {date.today().isoformat()}")
-    return run_training(
-        lambda: SSLMetaArch(recipe), recipe, data, output_dir, tracking, max_iterations=max_iterations,
-        knn_data=knn_data,
-    )  # fmt: skip
+    return RunResult(iteration, metrics, output_dir, run.start)
