@@ -13,7 +13,7 @@ world size), ``train.iterations_per_epoch`` replaces OFFICIAL_EPOCH_LENGTH, and 
 """
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -75,7 +75,11 @@ class StudentSection(Section):
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
-    pretrained_weights: str | None = None
+    pretrained_weights: str | None = Field(
+        None,
+        description="distillation students: start the backbone from these weights (a .safetensors export or a "
+        "checkpoint path/URL); pretraining starts from a backbone with init.source",
+    )
 
 
 class TeacherSection(Section):
@@ -159,6 +163,47 @@ class MonitorSection(Section):
     stop: bool = Field(False, description="stop the run (exit code 4) instead of warning")
 
 
+class HeadFittingSection(Section):
+    """Heads for a backbone that has none (released backbones): DINO + iBOT heads trained against the
+    frozen backbone's own targets, with the recipe's schedules compressed into ``iterations``."""
+
+    iterations: int = Field(
+        1000, ge=0,
+        description="0: no head fitting; a distillation teacher without heads is then refused, and a pretraining "
+        "init source without heads starts with random heads",
+    )  # fmt: skip
+    base_lr: float | None = Field(None, gt=0, description="lr for a batch of 1024; the recipe's when unset")
+    momentum_teacher: float | None = Field(
+        None, ge=0, le=1,
+        description="the heads' EMA momentum at the start of fitting (cosine to teacher.final_momentum_teacher); "
+        "the recipe's teacher.momentum_teacher when unset",
+    )  # fmt: skip
+
+
+SOURCE_KINDS = (
+    "a run's teacher folder (backbone.safetensors + heads.safetensors), a .safetensors backbone, a Hugging Face "
+    "DINOv2 folder, a torch.hub name (dinov2_vitb14) or a .pth checkpoint path/URL"
+)
+
+
+class InitSection(Section):
+    """Continued pretraining: the student (and so the teacher, its EMA, which starts equal) starts from a trained
+    backbone; its DINO/iBOT heads come with it (a run's teacher folder) or are fitted first on the frozen backbone
+    (``head_fitting``)."""
+
+    source: str | None = Field(None, description=f"the backbone to continue from: {SOURCE_KINDS}")
+    weights: str | None = Field(
+        None, description="for a hub-name source: checkpoint path/URL, or LVD142M (the released weights)"
+    )
+    head_fitting: HeadFittingSection = Field(default_factory=HeadFittingSection)
+
+    @model_validator(mode="after")
+    def _weights_need_a_source(self) -> "InitSection":
+        if self.weights is not None and self.source is None:
+            raise ValueError("init.weights are the weights of a torch.hub init.source: set init.source too")
+        return self
+
+
 class Recipe(Section):
     name: str = DEFAULT_RECIPE
     dino: DinoSection = Field(default_factory=DinoSection)
@@ -172,10 +217,20 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     monitor: MonitorSection = Field(default_factory=MonitorSection)
+    init: InitSection = Field(default_factory=InitSection)
+
+    # whether ``student.pretrained_weights`` may be set: distillation students start from a backbone that way;
+    # a pretraining run starts from one with ``init`` (which also gives the teacher its heads)
+    students_start_from_weights: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         student = self.student
+        if student.pretrained_weights and not self.students_start_from_weights:
+            raise ValueError(
+                "student.pretrained_weights initialises distillation students; to continue pretraining from "
+                "a backbone set init.source (its heads are loaded, or fitted first: init.head_fitting)"
+            )
         for name in ("global_crops_size", "local_crops_size"):
             size = getattr(self.crops, name)
             if size % student.patch_size:
@@ -198,21 +253,8 @@ class Recipe(Section):
         return self.optim.epochs * self.train.iterations_per_epoch
 
 
-class HeadFittingSection(Section):
-    """Heads for a teacher that has none (released backbones): DINO + iBOT heads trained against the
-    frozen backbone's own targets, with the recipe's schedules compressed into ``iterations``."""
-
-    iterations: int = Field(1000, ge=0, description="0: no head fitting; a teacher without heads is then an error")
-    base_lr: float | None = Field(None, gt=0, description="lr for a batch of 1024; the recipe's when unset")
-
-
 class DistillationSection(Section):
-    teacher: str | None = Field(
-        None,
-        description="a run's teacher folder (backbone.safetensors + heads.safetensors), a .safetensors backbone, "
-        "a Hugging Face DINOv2 folder, "
-        "a torch.hub name (dinov2_vitg14) or a .pth checkpoint path/URL",
-    )
+    teacher: str | None = Field(None, description=f"the frozen teacher: {SOURCE_KINDS}")
     teacher_weights: str | None = Field(
         None, description="for a hub-name teacher: checkpoint path/URL, or LVD142M (the released weights)"
     )
@@ -234,8 +276,14 @@ class DistillationSection(Section):
 class DistillRecipe(Recipe):
     distillation: DistillationSection = Field(default_factory=DistillationSection)
 
+    students_start_from_weights: ClassVar[bool] = True
+
     @model_validator(mode="after")
     def _students_fit_the_crops(self) -> "DistillRecipe":
+        if self.init.source is not None:
+            raise ValueError(
+                "init.source continues pretraining; distillation students start from student.pretrained_weights"
+            )
         for name, student in self.student_sections().items():
             for crops in ("global_crops_size", "local_crops_size"):
                 size = getattr(self.crops, crops)

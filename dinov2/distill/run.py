@@ -5,16 +5,14 @@ import logging
 from datetime import date
 from pathlib import Path
 
-from dinov2.configuration import validate
 from dinov2.configuration.recipes import DistillRecipe, Recipe
 from dinov2.distill.meta_arch import DistillMetaArch
 from dinov2.distill.teacher import TeacherError, TeacherSpec, inspect_teacher, load_teacher
-from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.head_fitting import fit_heads, head_fitting_recipe
+from dinov2.train.sources import read_heads
 from dinov2.train.train import RunResult, Tracking, run_training
 
 logger = logging.getLogger(__name__)
-
-HEAD_FITTING_FOLDER = "head_fitting"
 
 
 def check_token_grids(recipe: DistillRecipe, spec: TeacherSpec) -> None:
@@ -36,49 +34,13 @@ def check_token_grids(recipe: DistillRecipe, spec: TeacherSpec) -> None:
             )
 
 
-def head_fitting_recipe(recipe: DistillRecipe, spec: TeacherSpec) -> Recipe:
-    """The recipe's pretraining objective with its schedules compressed into ``head_fitting.iterations``
-    (every ``*_epochs`` key keeps its fraction of the run), heads sized by the recipe."""
-    fitting = recipe.distillation.head_fitting
-    data = recipe.model_dump(mode="json", exclude={"distillation"})
-    fraction = 1.0 / recipe.optim.epochs
-    data["name"] = f"{recipe.name}-head-fitting"
-    data["train"]["iterations_per_epoch"] = fitting.iterations
-    optim = data["optim"]
-    optim.update(
-        epochs=1, base_lr=fitting.base_lr or optim["base_lr"], warmup_epochs=optim["warmup_epochs"] * fraction,
-        freeze_last_layer_epochs=optim["freeze_last_layer_epochs"] * fraction,
-    )  # fmt: skip
-    data["teacher"]["warmup_teacher_temp_epochs"] *= fraction
+def teacher_as_student(spec: TeacherSpec) -> dict:
+    """The teacher's architecture as a ``student`` section (what head fitting trains heads for)."""
     config = spec.config
-    data["student"] = {
+    return {
         "arch": "custom", "embed_dim": config["embed_dim"], "depth": config["depth"], "num_heads": config["num_heads"],
-        "patch_size": config["patch_size"], "img_size": config["img_size"], "drop_path_rate": 0.0,
+        "patch_size": config["patch_size"], "img_size": config["img_size"],
     }  # fmt: skip
-    data["checkpoint"]["every_n_iterations"] = min(data["checkpoint"]["every_n_iterations"], fitting.iterations)
-    data["checkpoint"]["export_every_n_iterations"] = fitting.iterations
-    data["evaluation"]["knn_dataset"] = None
-    return validate(Recipe, data, "head fitting")
-
-
-def fit_heads(recipe: DistillRecipe, spec: TeacherSpec, data: str | Path, output_dir: Path) -> TeacherSpec:
-    """Train DINO/iBOT heads on the frozen teacher backbone (its own targets) and return the teacher
-    with them. Resumable like any run; skipped when its export already exists."""
-    folder = output_dir / HEAD_FITTING_FOLDER
-    heads = folder / "teacher" / "heads.safetensors"
-    if not heads.is_file():
-        fitting = head_fitting_recipe(recipe, spec)
-        backbone = load_teacher(spec)["backbone"]
-        logger.info("teacher %s has no heads: fitting them for %d iterations", spec.source, fitting.total_iterations)
-        tracking = Tracking(
-            stage="distill", run_name=f"{recipe.name} head fitting {date.today().isoformat()}",
-            tags={**spec.identity(), "dinov2.phase": "head_fitting"},
-        )  # fmt: skip
-        run_training(lambda: SSLMetaArch(fitting, frozen_backbone=backbone), fitting, data, folder, tracking)
-    fitted = inspect_teacher(str(folder / "teacher"))
-    # the original backbone file stays the teacher's identity; the fitted heads join it
-    spec.heads_file, spec.heads = fitted.heads_file, fitted.heads
-    return spec
 
 
 def distill(
@@ -100,7 +62,18 @@ def distill(
                 f"teacher {spec.source} has no DINO/iBOT heads and distillation.head_fitting.iterations is 0: "
                 "give a teacher exported with heads (a pretraining run's teacher/ folder) or enable head fitting"
             )
-        spec = fit_heads(recipe, spec, data, output_dir)
+        tracking = Tracking(
+            stage="distill", run_name=f"{recipe.name} head fitting {date.today().isoformat()}", tags=spec.identity()
+        )
+        fitting = fit_heads(
+            lambda: head_fitting_recipe(recipe, distillation.head_fitting, teacher_as_student(spec)),
+            lambda: load_teacher(spec)["backbone"], data, output_dir, tracking, max_iterations,
+        )  # fmt: skip
+        if fitting.stops_the_call:
+            return fitting.run
+        max_iterations = fitting.left
+        # the original backbone file stays the teacher's identity; the fitted heads join it
+        spec.heads_file, spec.heads = fitting.heads_file, read_heads(fitting.heads_file)
     teacher = load_teacher(spec)
     tracking = Tracking(
         stage="distill", run_name=f"{recipe.name} {date.today().isoformat()}", tags=spec.identity(),

@@ -69,8 +69,9 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for truncated or foreign files
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]  # torch's run over many lines
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is corrupted or not a weights file ({error})"
+            f"cannot read checkpoint {path}: it is corrupted or not a weights file ({reason})"
         ) from error
     return _unwrap(loaded, str(path))
 
@@ -122,15 +123,15 @@ def _first(items: list, count: int = 6) -> str:
     return shown + (f" (+{len(items) - count} more)" if len(items) > count else "")
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), but one error listing every missing, unexpected and misshaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+def state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``given`` from loading where ``expected`` is (missing, unexpected and misshaped keys, by shape
+    only: meta tensors do); empty when nothing does."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
     misshaped = [
-        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if state_dict[key].shape != expected[key].shape
+        f"{key} {tuple(given[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(given))
+        if given[key].shape != expected[key].shape
     ]
     problems = []
     if missing:
@@ -139,11 +140,17 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         problems.append(f"unexpected keys: {_first(unexpected)}")
     if misshaped:
         problems.append(f"shape mismatch: {_first(misshaped)}")
+    hint = ""
+    if any(item.startswith("pos_embed") for item in misshaped):
+        hint = " (pos_embed depends on img_size: the released models use img_size=518)"
+    return "; ".join(problems) + hint if problems else ""
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True), but one error listing every missing, unexpected and misshaped key."""
+    problems = state_dict_problems(model.state_dict(), state_dict)
     if problems:
-        hint = ""
-        if any(item.startswith("pos_embed") for item in misshaped):
-            hint = " (pos_embed depends on img_size: the released models use img_size=518)"
-        raise CheckpointError(f"checkpoint {source} does not match {describe(model)}: {'; '.join(problems)}{hint}")
+        raise CheckpointError(f"checkpoint {source} does not match {describe(model)}: {problems}")
     model.load_state_dict(state_dict, strict=True)
 
 

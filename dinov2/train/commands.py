@@ -18,16 +18,32 @@ def register(app: typer.Typer) -> None:
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to pretrain on."),
         output: Path = typer.Option(Path("outputs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
         override: list[str] = OVERRIDES,
+        init: str | None = typer.Option(
+            None,
+            "--init",
+            help="Continue from a trained backbone: a run's teacher/ folder (heads included), a .safetensors backbone, "
+            "a Hugging Face DINOv2 folder, a hub name (dinov2_vitb14) or a .pth path/URL; heads it lacks are fitted "
+            "first (init.head_fitting).",
+        ),  # fmt: skip
+        init_weights: str | None = typer.Option(
+            None, "--init-weights", help="For a hub-name --init: checkpoint path/URL (default: the released weights)."
+        ),
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for teacher kNN."),
         dry_run: bool = typer.Option(False, help="Size the recipe (params, FLOPs, memory per GPU) without training."),
         as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     ) -> None:
-        """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO; resumes from output/."""
+        """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo) with DeepSpeed ZeRO, from scratch or from a
+        trained backbone (--init); resumes from output/."""
         from dinov2.configuration.params import training_recipe
-        from dinov2.train.train import pretrain as run_pretrain
+        from dinov2.train.pretrain import pretrain as run_pretrain
 
-        resolved = training_recipe(params, "pretrain", recipe, override)
+        overrides = list(override)
+        if init is not None:
+            overrides.append(f"init.source={json.dumps(init)}")
+        if init_weights is not None:
+            overrides.append(f"init.weights={json.dumps(init_weights)}")
+        resolved = training_recipe(params, "pretrain", recipe, overrides)
         if dry_run:
             from dinov2.train.dry_run import dry_run_report
 
@@ -36,6 +52,8 @@ def register(app: typer.Typer) -> None:
                 f"recipe [bold]{report['recipe']}[/]: student {report['student_parameters']:,} parameters "
                 f"(backbone {report['backbone_parameters']:,}), teacher {report['teacher_parameters']:,}"
             )
+            if "init" in report:
+                headline += f"; starts from {report['init']['source']} (heads {report['init']['heads']})"
             print_dry_run(report, headline, as_json)
             return
         if data is None:

@@ -136,11 +136,26 @@ def compute_summary(result: Budget, recipe: Recipe, assumed_mfu: float = 0.4) ->
     }
 
 
+def init_plan(recipe: Recipe) -> dict | None:
+    """Where a continued pretraining starts (``init.source``, checked against the student from headers and
+    shapes) and where its heads come from; None from scratch."""
+    if recipe.init.source is None:
+        return None
+    from dinov2.train.continued import inspect_init
+
+    spec = inspect_init(recipe)
+    fitting = recipe.init.head_fitting.iterations
+    heads = "from the source" if spec.has_heads else f"fitted first: {fitting} iterations" if fitting else "random"
+    return {"source": spec.source, "heads": heads}
+
+
 def dry_run_report(recipe: Recipe, gpus: tuple[int, ...] = GPU_COUNTS, assumed_mfu: float = 0.4) -> dict:
+    init = init_plan(recipe)
     result = budget(recipe)
     table = memory_table(result, recipe.train.batch_size, gpus)
     return {
         "recipe": recipe.name,
+        **({"init": init} if init else {}),
         "student_parameters": result.student_parameters,
         "backbone_parameters": result.backbone_parameters,
         "teacher_parameters": result.teacher_parameters,

@@ -29,7 +29,8 @@ def build_backbone(
     recipe: Recipe, drop_path_rate: float, student: StudentSection | None = None
 ) -> DinoVisionTransformer:
     """The backbone a student section describes (``recipe.student`` by default), initialised from
-    ``pretrained_weights`` when set (a .safetensors from an export, or a checkpoint path/URL)."""
+    ``pretrained_weights`` when set (distillation students: a .safetensors from an export, or a checkpoint
+    path/URL)."""
     student = student or recipe.student
     options = dict(
         img_size=student.img_size,
@@ -95,24 +96,35 @@ def build_heads(recipe: Recipe, embed_dim: int, dino_prototypes: int | None = No
 class SSLMetaArch(nn.Module):
     """The pretraining objective. With ``frozen_backbone`` (a trained backbone whose heads are lost, as
     in the released checkpoints) only the heads train, against targets of that same backbone: the
-    head-fitting phase that gives a headless backbone the heads a distillation teacher needs."""
+    head-fitting phase that gives a headless backbone the heads a distillation teacher or a continued
+    pretraining run needs. With ``initial`` (``ModuleDict(backbone[, dino_head, ibot_head])``, continued
+    pretraining) the student starts from those weights, strictly loaded, and the teacher, its EMA, equal to it."""
 
     stage = "pretrain"
 
-    def __init__(self, recipe: Recipe, frozen_backbone: DinoVisionTransformer | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        frozen_backbone: DinoVisionTransformer | None = None,
+        initial: nn.ModuleDict | None = None,
+        initial_source: str = "init.source",
+    ):
         super().__init__()
         self.recipe = recipe
         if frozen_backbone is None:
             student_backbone = build_backbone(recipe, recipe.student.drop_path_rate)
-            # the teacher starts as a copy of the student: no need to read pretrained weights twice
-            unloaded = recipe.student.model_copy(update={"pretrained_weights": None})
-            teacher_backbone = build_backbone(recipe, 0.0, unloaded)
+            teacher_backbone = build_backbone(recipe, 0.0)
         else:
             student_backbone, teacher_backbone = frozen_backbone, copy.deepcopy(frozen_backbone)
             student_backbone.requires_grad_(False)
         embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, **build_heads(recipe, embed_dim)})
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone, **build_heads(recipe, embed_dim)})
+        if initial is not None:
+            from dinov2.hub.checkpoints import load_state_dict_strict
+
+            for name, module in initial.items():
+                load_state_dict_strict(self.student[name], module.state_dict(), f"{initial_source} ({name})")
         self.teacher.load_state_dict(self.student.state_dict())
         for parameter in self.teacher.parameters():
             parameter.requires_grad = False
