@@ -1,9 +1,10 @@
 """The end-to-end check a newcomer runs first: a backbone embeds real photos, and its exports reload.
 
 ``dinov2 demo`` (``make check-backbone``) builds a hub backbone (random weights unless ``weights`` points
-at a checkpoint: nothing is downloaded here), embeds a folder of images or the photos bundled with scikit-image, writes L2-normalised fp16
-embeddings, their cosine-similarity matrix and a PCA-of-patch-features picture, exports the backbone
-as safetensors (hub and timm layouts), reloads the export and checks it gives the same features.
+at a checkpoint: nothing is downloaded here), embeds a folder of images or the photos bundled with
+scikit-image, writes L2-normalised fp16 embeddings, their cosine-similarity matrix and a
+PCA-of-patch-features picture, exports the backbone as safetensors (hub and timm layouts), reloads the
+export and checks it gives the same features.
 """
 
 import logging
