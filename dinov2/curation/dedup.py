@@ -191,8 +191,8 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
     n = len(vectors)
     edges = knn_edges(vectors, min(params.k, n) if n > 1 else 2, self_threshold, params.index)
     if params.verify is not None and len(edges):
-        edges, counts = verify_pairs(edges, paths, params.verify, relative=False)
-        verified.update(counts)
+        edges, pairs = verify_pairs(edges, paths, params.verify, relative=False)
+        verified.update(pairs)
     result = keep_one_per_component(n, edges, preference)
     counts = result.counts()
     largest, images = counts["largest_group"], counts["images"]
@@ -216,8 +216,8 @@ def dedup(pool_dir: Path, eval_dirs: Sequence[Path], out: Path, params: DedupPar
             edges = edges[(edges[:, 0] < len(kept_rows)) != (edges[:, 1] < len(kept_rows))]
             if len(edges):
                 row_paths = [paths[row] for row in kept_rows] + eval_paths
-                edges, counts = verify_pairs(edges, row_paths, params.verify, relative=True)
-                verified.update(counts)
+                edges, pairs = verify_pairs(edges, row_paths, params.verify, relative=True)
+                verified.update(pairs)
         clean = untouched(len(kept_rows), len(everything), edges)
     final_rows = kept_rows[clean]
 
