@@ -2,6 +2,7 @@
 Fashion-MNIST images and the edits the pipeline plants."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -193,3 +194,32 @@ def test_the_pool_leaves_out_source_images_alike_to_a_pool_or_an_eval_test_image
     )
     assert left_out == 0
     assert within.max() >= 0.95 and with_test.max() >= 0.95
+
+
+def test_the_dedup_stage_verifies_self_and_relative_pairs_and_reports_both(tmp_path, small_default_data):
+    """The dedup stage with verification and an evaluation set, on the small default data embedded by the copy
+    descriptor (eval images with their views): each step's counts reach metrics.json, the pairs verified are
+    among the candidates, and the planted test copies leave the pool."""
+    from dinov2.configuration.curation import DedupParams, EmbedParams
+    from dinov2.curation.dedup import dedup
+    from dinov2.curation.embed import embed
+
+    prepared, _ = small_default_data
+    for name in ("pool", "eval_test"):
+        manifest = prepared / "manifests" / name / "manifest.parquet"
+        embed(manifest, tmp_path / name, EmbedParams(num_workers=0, device="cpu"))
+    params = DedupParams(
+        k=8, self_threshold=0.75, relative_threshold=0.68,
+        verify=VerifyParams(threshold=0.984, relative_threshold=0.982, distinct_threshold=0.94),
+    )  # fmt: skip
+    metrics = dedup(tmp_path / "pool", [tmp_path / "eval_test"], tmp_path / "dedup", params)
+    pool_images = len(pq.read_table(prepared / "manifests" / "pool" / "manifest.parquet"))
+    assert metrics["dedup/pool_images"] == pool_images
+    for kind in ("self", "relative"):
+        assert 0 < metrics[f"dedup/{kind}_verified_pairs"] <= metrics[f"dedup/{kind}_candidate_pairs"]
+    assert metrics["dedup/kept"] == metrics["dedup/after_self_dedup"] - metrics["dedup/eval_leaks_removed"]
+    truth = pq.read_table(prepared / "ground_truth.parquet").to_pylist()
+    copies = {row["id"] for row in truth if row["kind"] == "test_copy"}
+    kept = set(pq.read_table(tmp_path / "dedup" / "kept.parquet").column("id").to_pylist())
+    print(f"{len(copies - kept)} of {len(copies)} test copies removed; metrics {metrics}")
+    assert not copies & kept
