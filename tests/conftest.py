@@ -12,7 +12,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -78,10 +78,18 @@ def image_folder(tmp_path_factory):
     return build
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def unused_port():
+    """``free_port``: a function returning a TCP port on 127.0.0.1 that nothing listens on (a fixture, so that the
+    conftest files below and the tests share this one function without importing a conftest module)."""
+    return free_port
 
 
 def _wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -104,7 +112,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     from flows.services import mlflow_server_program
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     program = mlflow_server_program(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "127.0.0.1", port)
     uri = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "w")
@@ -151,3 +159,85 @@ def cli(monkeypatch, capsys):
 def cli_error(cli):
     """``cli`` for a command that must exit 2 (bad input)."""
     return lambda args: cli(args, exit_code=2)
+
+
+PYTHON_MODULE = (sys.executable, "-m")  # how the `dinov2` command runs when no other launcher is named
+
+
+def dinov2_command(*args: str, launcher: Sequence[str] = PYTHON_MODULE) -> list[str]:
+    """``python -m dinov2 ARGS``, or ``LAUNCHER dinov2 ARGS`` for a launcher that takes a module
+    (``python -m torch.distributed.run ... -m``, ``deepspeed ... --module``)."""
+    return [*launcher, "dinov2", *args]
+
+
+@pytest.fixture(scope="session")
+def run_dinov2():
+    """Runs the `dinov2` command as a user does, in a process of its own, and waits for it:
+    ``run_dinov2(*args, cwd=None, env=None, timeout=600, check=False, launcher=PYTHON_MODULE)`` returns the
+    ``CompletedProcess`` with its output as text. ``check``: the command must exit 0 (the failure shows the command
+    and the ends of its output). ``launcher``: see ``dinov2_command``."""
+
+    def run(
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 600,
+        check: bool = False,
+        launcher: Sequence[str] = PYTHON_MODULE,
+    ) -> subprocess.CompletedProcess:
+        command = dinov2_command(*args, launcher=launcher)
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def start_dinov2():
+    """Starts ``python -m dinov2 ARGS`` and returns at once, for a test that watches, kills or waits for the process:
+    ``start_dinov2(*args, cwd=None, env=None, output=True)`` returns the ``Popen``, its stdout and stderr on pipes
+    as text (read them with ``communicate``), or discarded with ``output=False`` (a run nobody reads must not block
+    on a full pipe)."""
+
+    def start(
+        *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, output: bool = True
+    ) -> subprocess.Popen:
+        stream = subprocess.PIPE if output else subprocess.DEVNULL
+        return subprocess.Popen(dinov2_command(*args), cwd=cwd, env=env, stdout=stream, stderr=stream, text=True)
+
+    return start
+
+
+# The smallest default data that still plants every kind of copy: 40 Fashion-MNIST pool images + 6 planted copies
+# of them + 4 of test images + 3 digits + 2 photos = 55 pool images; 2 seed, 1 eval-train and 2 eval-test images
+# per class.
+SMALL_DEFAULT_DATA = dict(
+    seed_per_class=2,
+    pool_images=40,
+    eval_train_per_class=1,
+    eval_test_per_class=2,
+    pool_duplicates=6,
+    test_copies=4,
+    distractor_digits=3,
+    distractor_photos=2,
+)
+
+
+@pytest.fixture
+def small_default_sizes() -> dict[str, int]:
+    """The ``prepare.default_data`` sizes of ``small_default_data`` (a copy: change it freely)."""
+    return dict(SMALL_DEFAULT_DATA)
+
+
+@pytest.fixture(scope="session")
+def small_default_data(tmp_path_factory) -> tuple[Path, dict]:
+    """The default data at the small sizes, built once per session by ``build_default_data``: (its folder, the
+    metrics it returned). Shared: read it, never write into it (its manifests name its files by absolute path, so a
+    test that needs a folder of its own builds one)."""
+    from dinov2.configuration.curation import DefaultData
+    from dinov2.demo_data.build import build_default_data
+
+    out = tmp_path_factory.mktemp("small_default_data") / "prepare"
+    return out, build_default_data(out, DefaultData(**SMALL_DEFAULT_DATA))

@@ -1,16 +1,9 @@
 """The `dinov2` command as a user runs it: a real process, real photos, real files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-
-def dinov2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinov2", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -24,9 +17,9 @@ def photo_folder(tmp_path, photos):
     return folder
 
 
-def test_demo_embeds_real_photos_skips_a_corrupt_one_and_reloads_its_export(photo_folder, tmp_path):
+def test_demo_embeds_real_photos_skips_a_corrupt_one_and_reloads_its_export(photo_folder, tmp_path, run_dinov2):
     out = tmp_path / "demo"
-    result = dinov2("demo", "--images", str(photo_folder), "--out", str(out), "--crop-size", "56", cwd=tmp_path)
+    result = run_dinov2("demo", "--images", str(photo_folder), "--out", str(out), "--crop-size", "56", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 3
@@ -44,33 +37,33 @@ def test_demo_embeds_real_photos_skips_a_corrupt_one_and_reloads_its_export(phot
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_demo_on_an_empty_folder_fails_before_any_work_and_writes_nothing(tmp_path):
+def test_demo_on_an_empty_folder_fails_before_any_work_and_writes_nothing(tmp_path, run_dinov2):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "demo"
-    result = dinov2("demo", "--images", str(tmp_path / "empty"), "--out", str(out), cwd=tmp_path)
+    result = run_dinov2("demo", "--images", str(tmp_path / "empty"), "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2
     assert "no image files" in result.stdout and str(tmp_path / "empty") in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert not out.exists()
 
 
-def test_demo_with_a_crop_size_that_is_not_a_multiple_of_the_patch(tmp_path, photo_folder):
-    result = dinov2(
+def test_demo_with_a_crop_size_that_is_not_a_multiple_of_the_patch(tmp_path, photo_folder, run_dinov2):
+    result = run_dinov2(
         "demo", "--images", str(photo_folder), "--out", str(tmp_path / "o"), "--crop-size", "50", cwd=tmp_path
     )
     assert result.returncode == 2
     assert "not a multiple of the patch size 14" in result.stdout
 
 
-def test_models_lists_every_hub_entry_with_its_parameter_count(tmp_path):
-    result = dinov2("models", cwd=tmp_path)
+def test_models_lists_every_hub_entry_with_its_parameter_count(tmp_path, run_dinov2):
+    result = run_dinov2("models", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "dinov2_vitg14_reg_lc" in result.stdout
     assert "22,056,576" in result.stdout and "1,136,480,768" in result.stdout
 
 
-def test_export_refuses_a_missing_checkpoint_with_one_line(tmp_path):
-    result = dinov2(
+def test_export_refuses_a_missing_checkpoint_with_one_line(tmp_path, run_dinov2):
+    result = run_dinov2(
         "export", "--model", "dinov2_vits14", "--weights", str(tmp_path / "nope.pth"),
         "--out", str(tmp_path / "x.safetensors"), cwd=tmp_path,
     )  # fmt: skip
@@ -113,7 +106,7 @@ def test_export_refuses_bad_options_in_one_line(cli, monkeypatch, tmp_path, args
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_writes_the_timm_layout(tmp_path, monkeypatch):
+def test_export_writes_the_timm_layout(tmp_path, monkeypatch, run_dinov2):
     import torch
 
     monkeypatch.setenv("DINOV2_TRACKING", "off")  # MLflow logging of exports is tested in tests/hub
@@ -122,7 +115,7 @@ def test_export_writes_the_timm_layout(tmp_path, monkeypatch):
 
     torch.save(dinov2_vits14_reg(pretrained=False).state_dict(), tmp_path / "w.pth")
     out = tmp_path / "timm.safetensors"
-    result = dinov2(
+    result = run_dinov2(
         "export", "--model", "dinov2_vits14_reg", "--weights", str(tmp_path / "w.pth"), "--out", str(out),
         "--format", "timm", cwd=tmp_path,
     )  # fmt: skip

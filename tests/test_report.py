@@ -6,8 +6,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,13 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinov2.cli import app
-from dinov2.configuration.curation import DedupParams, DefaultData, EmbedParams, RetrieveParams
+from dinov2.configuration.curation import DedupParams, EmbedParams, RetrieveParams
 from dinov2.configuration.evaluation import EvaluateParams
 from dinov2.configuration.report import ReportParams
 from dinov2.curation.dedup import dedup as run_dedup
 from dinov2.curation.embed import embed as run_embed
 from dinov2.curation.retrieval import retrieve as run_retrieve
-from dinov2.demo_data.build import build_default_data
 from dinov2.demo_data.ground_truth import score_curation
 from dinov2.eval.features import model_fingerprint
 from dinov2.eval.report import write_metrics_json, write_report
@@ -36,34 +33,23 @@ from dinov2.report.inputs import EvaluationInput, ReportInputs
 from dinov2.report.sections import build_page, choose_groups, split_groups
 
 REPO = Path(__file__).resolve().parents[1]
-# 40 Fashion-MNIST pool images + 6 planted copies of them + 4 of test images + 3 digits + 2 photos = 55.
-SMALL = dict(
-    seed_per_class=2,
-    pool_images=40,
-    eval_train_per_class=1,
-    eval_test_per_class=2,
-    pool_duplicates=6,
-    test_copies=4,
-    distractor_digits=3,
-    distractor_photos=2,
-)
 
 
 @pytest.fixture(scope="module")
-def curation(tmp_path_factory) -> dict[str, Path]:
-    """prepare-default, embed, dedup and retrieve run for real on the small default data."""
+def curation(tmp_path_factory, small_default_data) -> dict[str, Path]:
+    """prepare-default (the session's small default data: 55 pool images), embed, dedup and retrieve run for real."""
     root = tmp_path_factory.mktemp("curation")
-    build_default_data(root / "prepare", DefaultData(**SMALL))
+    prepared, _ = small_default_data
     embed = EmbedParams(num_workers=0, device="cpu")
     for name in ("pool", "seed", "eval_test"):
-        run_embed(root / "prepare" / "manifests" / name / "manifest.parquet", root / "embeddings" / name, embed)
+        run_embed(prepared / "manifests" / name / "manifest.parquet", root / "embeddings" / name, embed)
     # Looser than the default thresholds, so that this pool has found copies and wrong merges to draw.
     dedup = DedupParams(k=8, self_threshold=0.98, relative_threshold=0.95)
     run_dedup(root / "embeddings" / "pool", [root / "embeddings" / "eval_test"], root / "dedup", dedup)
     seeds = [root / "embeddings" / "seed"]
     run_retrieve(root / "embeddings" / "pool", root / "dedup" / "kept.parquet", seeds, root / "retrieve",
                     RetrieveParams(n_clusters=4))  # fmt: skip
-    return {name: root / name for name in ("prepare", "dedup", "retrieve")}
+    return {"prepare": prepared, "dedup": root / "dedup", "retrieve": root / "retrieve"}
 
 
 @pytest.fixture(scope="module")
@@ -441,14 +427,15 @@ def test_unreadable_stage_outputs_are_named(tmp_path, runs):
         build_page(ReportInputs(pretrain=run), ReportParams())
 
 
-def test_a_missing_input_path_is_a_one_line_error_with_exit_code_2_and_the_last_report_stays(tmp_path, runs):
+def test_a_missing_input_path_is_a_one_line_error_with_exit_code_2_and_the_last_report_stays(
+    tmp_path, runs, run_dinov2
+):
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.html").write_text("the last complete report")
-    result = subprocess.run(
-        [sys.executable, "-m", "dinov2", "report", "--out", str(out), "--pretrain", str(runs["pretrain"]),
-         "--distill", str(tmp_path / "no_such_run")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    result = run_dinov2(
+        "report", "--out", str(out), "--pretrain", str(runs["pretrain"]), "--distill", str(tmp_path / "no_such_run"),
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stdout.strip() == f"error: --distill {tmp_path / 'no_such_run'}: no such folder"

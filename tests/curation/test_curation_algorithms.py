@@ -173,7 +173,7 @@ def test_copy_descriptor_groups_each_photo_with_its_copies_and_nothing_else(plan
     a photograph or a copy holds anything else, and every copy but two 90% crops joins its photograph.
 
     These are all the distinct photographs available offline; the descriptor's figures on thousands of photos
-    (3,000 CIFAR-10 images: precision 0.976, recall 0.988) are in dinov2/curation/README.md. Grey items on a
+    (3,000 CIFAR-10 images: precision 0.976, recall 0.988) are in benchmarks/curation/README.md. Grey items on a
     black background are beyond it: the 2,000 Fashion-MNIST items fall into about 20 components (printed)."""
     _, groups = planted_copies
     vectors = planted_descriptors

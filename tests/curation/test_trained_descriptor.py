@@ -1,9 +1,6 @@
 """The copy descriptor trained on a pool (``dinov2 train-descriptor``), and released SSCD models as embedders."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -38,10 +35,6 @@ def garments() -> list[Image.Image]:
     images, _ = load_fashion_mnist(train=False)
     chosen = np.random.default_rng(0).choice(len(images), size=256, replace=False)
     return [Image.fromarray(images[index]).convert("RGB") for index in chosen]
-
-
-def dinov2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinov2", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_training_is_deterministic_whoever_makes_the_views_and_lowers_the_loss(garments):
@@ -143,14 +136,13 @@ class TinySSCD(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_an_sscd_torchscript_file_embeds_with_sscd_preprocessing_and_records_the_paper_thresholds(tmp_path, photos):
+def test_an_sscd_torchscript_file_embeds_with_sscd_preprocessing_and_records_the_paper_thresholds(
+    tmp_path, photo_files
+):
     torch.manual_seed(0)
     network = TinySSCD().eval()
     torch.jit.save(torch.jit.script(network), tmp_path / "sscd_tiny.torchscript.pt")
-    (tmp_path / "images").mkdir()
-    for index, photo in enumerate(photos):
-        photo.save(tmp_path / "images" / f"{index}.png")
-    built = build_manifest(tmp_path / "images", "web", "pool")
+    built = build_manifest(photo_files, "web", "pool")
     write_table(built.table, tmp_path / "manifest.parquet")
     name = f"sscd:{tmp_path / 'sscd_tiny.torchscript.pt'}"
 
@@ -170,15 +162,12 @@ def test_an_sscd_torchscript_file_embeds_with_sscd_preprocessing_and_records_the
     np.testing.assert_allclose(stored.astype(np.float32), expected[rows], atol=2e-3)
 
 
-def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path, photos, monkeypatch, cli_error):
+def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path, photo_files, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
     out = cli_error(["train-descriptor", "--manifest", "missing.parquet", "--out", "d"])
     assert out == "error: manifest not found: missing.parquet\n"
 
-    (tmp_path / "images").mkdir()
-    for index, photo in enumerate(photos):
-        photo.save(tmp_path / "images" / f"{index}.png")
-    write_table(build_manifest(tmp_path / "images", "web", "pool").table, tmp_path / "m.parquet")
+    write_table(build_manifest(photo_files, "web", "pool").table, tmp_path / "m.parquet")
     out = cli_error(["train-descriptor", "--manifest", "m.parquet", "--out", "d"])
     assert out == (
         "error: m.parquet holds 4 images: too few to hold out descriptor.calibration.images = 500 for "
@@ -201,11 +190,13 @@ def test_bad_input_is_one_line_naming_the_problem_and_leaves_no_output(tmp_path,
     (tmp_path / "params.yaml").write_text("embed:\n  model: 'sscd:not_torchscript.pt'\n  num_workers: 0\n")
     out = cli_error(["embed", "--manifest", "m.parquet", "--out", "e"])
     assert out.startswith("error: not_torchscript.pt is not a TorchScript model") and out.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "m.parquet", "not_torchscript.pt", "params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "not_torchscript.pt", "params.yaml"]
 
 
 @pytest.mark.slow
-def test_train_descriptor_then_embed_and_dedup_use_the_thresholds_it_calibrated(tmp_path, garments, mlflow_uri):
+def test_train_descriptor_then_embed_and_dedup_use_the_thresholds_it_calibrated(
+    tmp_path, garments, mlflow_uri, run_dinov2
+):
     (tmp_path / "pool").mkdir()
     for index, image in enumerate(garments[:72]):
         image.save(tmp_path / "pool" / f"{index}.png")
@@ -218,7 +209,7 @@ def test_train_descriptor_then_embed_and_dedup_use_the_thresholds_it_calibrated(
         ["embed", "--manifest", "m/manifest.parquet", "--out", "e"],
         ["dedup", "--pool", "e", "--out", "d"],
     ):
-        result = dinov2(*command, cwd=tmp_path)
+        result = run_dinov2(*command, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
 
     descriptor = json.loads((tmp_path / "desc" / "descriptor.json").read_text())

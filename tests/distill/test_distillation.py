@@ -32,15 +32,6 @@ SHORT_RUN = [
 ]  # fmt: skip
 
 
-def dinov2(*args: str, env: dict[str, str], timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "dinov2", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check:
-        assert result.returncode == 0, f"{args}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
 def sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
@@ -64,26 +55,25 @@ def images(image_folder) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_teacher(images, tmp_path_factory) -> Path:
+def small_teacher(images, tmp_path_factory, run_dinov2) -> Path:
     """A cpu_tiny teacher after 6 pretraining iterations: its export folder (backbone + heads)."""
     output = tmp_path_factory.mktemp("teacher_run")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{output / 'mlflow.db'}"}
-    dinov2("pretrain", "--recipe", "cpu_tiny", *SHORT_RUN, "--data", str(images / "train"), "--output",
-           str(output / "run"), env=env)  # fmt: skip
+    run_dinov2("pretrain", "--recipe", "cpu_tiny", *SHORT_RUN, "--data", str(images / "train"), "--output",
+               str(output / "run"), env=env, check=True)  # fmt: skip
     return output / "run" / "teacher"
 
 
-def test_a_killed_distillation_resumes_to_bitwise_the_same_students(images, small_teacher, run_env, tmp_path):
+def test_a_killed_distillation_resumes_to_bitwise_the_same_students(
+    images, small_teacher, run_env, tmp_path, run_dinov2, start_dinov2
+):
     arguments = ["distill", "--teacher", str(small_teacher), "--data", str(images / "train"), *SHORT_RUN]
     arguments += ["--set", "optim.epochs=4"]  # 12 iterations
     teacher_hash = sha256(small_teacher)
-    dinov2(*arguments, "--output", str(tmp_path / "straight"), env=run_env)
+    run_dinov2(*arguments, "--output", str(tmp_path / "straight"), env=run_env, check=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dinov2", *arguments, "--output", str(killed)],
-        env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = start_dinov2(*arguments, "--output", str(killed), env=run_env, output=False)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "iter_0000004"):
@@ -94,7 +84,7 @@ def test_a_killed_distillation_resumes_to_bitwise_the_same_students(images, smal
     process.wait()
     assert not (killed / "students").exists()  # nothing looks finished
 
-    resumed = dinov2(*arguments, "--output", str(killed), env=run_env)
+    resumed = run_dinov2(*arguments, "--output", str(killed), env=run_env, check=True)
     assert "resumed from" in resumed.stderr
     straight, again = weights(tmp_path / "straight" / "students" / "tiny"), weights(killed / "students" / "tiny")
     assert straight.keys() == again.keys()
@@ -161,7 +151,7 @@ def test_two_students_in_one_run_share_one_teacher_forward_per_step(images, smal
     assert heads["dino_head.last_layer.weight_v"].shape == (1024, 64)
 
 
-def test_a_released_style_backbone_without_heads_distils_after_head_fitting(images, run_env, tmp_path):
+def test_a_released_style_backbone_without_heads_distils_after_head_fitting(images, run_env, tmp_path, run_dinov2):
     from dinov2.models import DinoVisionTransformer
 
     torch.manual_seed(0)
@@ -169,9 +159,9 @@ def test_a_released_style_backbone_without_heads_distils_after_head_fitting(imag
     released = DinoVisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=1, init_values=1.0)
     torch.save(released.state_dict(), tmp_path / "tiny_vit14_pretrain.pth")
     output = tmp_path / "run"
-    dinov2(
+    run_dinov2(
         "distill", "--teacher", str(tmp_path / "tiny_vit14_pretrain.pth"), "--data", str(images / "train"), *SHORT_RUN,
-        "--set", "distillation.head_fitting.iterations=4", "--output", str(output), env=run_env,
+        "--set", "distillation.head_fitting.iterations=4", "--output", str(output), env=run_env, check=True,
     )  # fmt: skip
     fitted = load_file(str(output / "head_fitting" / "teacher" / "heads.safetensors"))
     assert fitted["dino_head.last_layer.weight_v"].shape == (1024, 64)  # the recipe's head: 1024 prototypes
@@ -192,7 +182,9 @@ def test_a_released_style_backbone_without_heads_distils_after_head_fitting(imag
         ("no_heads", "has no DINO/iBOT heads and distillation.head_fitting.iterations is 0"),
     ],
 )
-def test_bad_teachers_are_refused_in_one_line_before_any_step(case, message, images, small_teacher, run_env, tmp_path):
+def test_bad_teachers_are_refused_in_one_line_before_any_step(
+    case, message, images, small_teacher, run_env, tmp_path, run_dinov2
+):
     arguments = ["distill", "--data", str(images / "train"), "--output", str(tmp_path / "out")]
     if case == "missing":
         arguments += ["--teacher", str(tmp_path / "nowhere")]
@@ -205,15 +197,15 @@ def test_bad_teachers_are_refused_in_one_line_before_any_step(case, message, ima
         headless.mkdir()
         (headless / "backbone.safetensors").write_bytes((small_teacher / "backbone.safetensors").read_bytes())
         arguments += ["--teacher", str(headless), "--set", "distillation.head_fitting.iterations=0"]
-    result = dinov2(*arguments, env=run_env, check=False)
+    result = run_dinov2(*arguments, env=run_env)
     assert result.returncode == 2
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stdout
     assert not (tmp_path / "out").exists()
 
 
-def test_the_vits14_recipe_dry_run_sizes_teacher_and_student_per_zero_stage(run_env):
-    result = dinov2("distill", "--recipe", "distill_vits14", "--dry-run", "--json", env=run_env)
+def test_the_vits14_recipe_dry_run_sizes_teacher_and_student_per_zero_stage(run_env, run_dinov2):
+    result = run_dinov2("distill", "--recipe", "distill_vits14", "--dry-run", "--json", env=run_env, check=True)
     report = json.loads(result.stdout)
     # ViT-g/14 (1,136,480,768 with its 518 px position embedding) + the DINO head (1536 -> 2048 -> 2048 -> 384,
     # 131072 prototypes: 3,147,776 + 4,196,352 + 786,816 + 131072 * 385) + the separate iBOT head (bottleneck
@@ -230,14 +222,16 @@ def test_the_vits14_recipe_dry_run_sizes_teacher_and_student_per_zero_stage(run_
 
 
 @pytest.mark.timeout(1200)
-def test_a_distilled_student_learns_from_the_teacher_on_real_images(image_folder, run_env, tmp_path):
+def test_a_distilled_student_learns_from_the_teacher_on_real_images(image_folder, run_env, tmp_path, run_dinov2):
     # 50 training and 20 test Fashion-MNIST images per class; 100 iterations of 32 for each run
     images = image_folder(50, 20)
     common = ["--data", str(images / "train"), "--knn-data", str(images), "--set", "optim.epochs=4"]
-    dinov2("pretrain", "--recipe", "cpu_tiny", *common, "--output", str(tmp_path / "teacher_run"), env=run_env)
+    pretrain = ["pretrain", "--recipe", "cpu_tiny", *common, "--output", str(tmp_path / "teacher_run")]
+    run_dinov2(*pretrain, env=run_env, timeout=900, check=True)
     teacher_files = tmp_path / "teacher_run" / "teacher"
     before = sha256(teacher_files)
-    dinov2("distill", "--teacher", str(teacher_files), *common, "--output", str(tmp_path / "run"), env=run_env)
+    distill = ["distill", "--teacher", str(teacher_files), *common, "--output", str(tmp_path / "run")]
+    run_dinov2(*distill, env=run_env, timeout=900, check=True)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     student, at_init = metrics["tiny/knn_top1_k20"], metrics["tiny/knn_top1_k20_init"]
     teacher = metrics["teacher/knn_top1_k20"]

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -52,20 +50,16 @@ def test_raw_pixels_beat_a_random_init_vit_which_sits_at_chance(image_folder, ti
     assert pixels > random_init + 0.5
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dinov2", "evaluate", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-
-
 @pytest.mark.slow
-def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(image_folder, tiny_vit, tmp_path,
-                                                                           mlflow_uri):  # fmt: skip
+def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(
+    image_folder, tiny_vit, tmp_path, mlflow_uri, run_dinov2
+):
     root = image_folder(20, 10)
     checkpoint = save_backbone(tiny_vit(), tmp_path / "tiny.safetensors")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": small_params(root, tmp_path / "cache")}))
-    args = ("--backbone", str(checkpoint), "--out", "report", "--metrics", "metrics/evaluate.json")
-    first = run_cli(*args, cwd=tmp_path)
+    args = ("evaluate", "--backbone", str(checkpoint), "--out", "report", "--metrics", "metrics/evaluate.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = run_dinov2(*args, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())["fashion_mnist"]
     expected_keys = {"knn_top1_k10", "knn_top5_k10", "knn_top1_k20", "knn_top5_k20", "linear_top1", "linear_val_top1",
@@ -85,7 +79,7 @@ def test_evaluate_writes_metrics_report_and_mlflow_run_and_reuses_features(image
     assert run.data.metrics["eval/fashion_mnist/knn_top1_k20"] == pytest.approx(metrics["knn_top1_k20"])
     assert run.data.metrics["eval/fashion_mnist/linear_top1"] == pytest.approx(metrics["linear_top1"])
 
-    second = run_cli(*args, cwd=tmp_path)
+    second = run_dinov2(*args, cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["fashion_mnist"] == metrics

@@ -4,7 +4,6 @@ MLflow server on 127.0.0.1 under supervisord, started and stopped exactly as `ma
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -109,12 +104,6 @@ def process_runs(pid: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def unused_port():
-    """A function returning a TCP port on 127.0.0.1 that nothing listens on."""
-    return free_port
-
-
-@pytest.fixture(scope="session")
 def processes_under():
     """A function: a process id and all its descendants now (by parent pid, whatever their session)."""
     return process_tree
@@ -133,9 +122,9 @@ def flows_services():
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory) -> Iterator[LocalServices]:
+def services(tmp_path_factory, unused_port) -> Iterator[LocalServices]:
     state = tmp_path_factory.mktemp("services")
-    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_port, mlflow_port = unused_port(), unused_port()
     environment = {
         key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
     }
@@ -166,6 +155,32 @@ def services(tmp_path_factory) -> Iterator[LocalServices]:
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         # `down` leaves nothing running that `up` or the workers started
         assert sorted(pid for pid in pids if process_runs(pid)) == []
+
+
+@dataclass(frozen=True)
+class DeclaredDeployment:
+    """A deployment of prefect.yaml as `prefect deploy` reads it."""
+
+    name: str  # FLOW/DEPLOYMENT, as `prefect deployment run` names it
+    flow: Any  # the prefect Flow its entrypoint loads
+    parameters: dict
+    work_pool: dict  # name, work_queue_name, job_variables
+
+
+@pytest.fixture(scope="session")
+def declared_deployments() -> list[DeclaredDeployment]:
+    """prefect.yaml's deployments, read by Prefect's own model of the file (what `prefect deploy` validates it with),
+    each with the flow its entrypoint imports."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    config = PrefectYamlModel.model_validate(yaml.safe_load((REPOSITORY / "prefect.yaml").read_text()))
+    declared = []
+    for entry in config.deployments:
+        flow = load_flow_from_entrypoint(str(REPOSITORY / entry.entrypoint))
+        pool = entry.work_pool.model_dump() if entry.work_pool else {}
+        declared.append(DeclaredDeployment(f"{flow.name}/{entry.name}", flow, entry.parameters, pool))
+    return declared
 
 
 @pytest.fixture(scope="session")

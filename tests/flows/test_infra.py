@@ -5,8 +5,8 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -58,7 +58,7 @@ def sbatch_launch_line(script: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def launched_dry_runs() -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
+def launched_dry_runs(start_dinov2) -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
     """The engine arguments each rendered launch of a deployment runs (taken from the rendered text), and
     the engine's dry run of them; they run side by side."""
     slurm_script = rendered_launch("pretrain/vitg").files["pretrain.sbatch"]
@@ -73,14 +73,7 @@ def launched_dry_runs() -> dict[str, tuple[list[str], subprocess.CompletedProces
     offload = ["--set", "deepspeed.zero_stage=3", "--set", "deepspeed.offload_optimizer=cpu"]
     commands["slurm offload"] = commands["slurm"] + offload
     started = {
-        key: subprocess.Popen(
-            [sys.executable, "-m", "dinov2", *arguments, "--dry-run", "--json"],
-            cwd=REPOSITORY,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for key, arguments in commands.items()
+        key: start_dinov2(*arguments, "--dry-run", "--json", cwd=REPOSITORY) for key, arguments in commands.items()
     }
     finished = {}
     for key, process in started.items():
@@ -160,32 +153,76 @@ def test_the_hostfile_example_names_nodes_with_their_gpu_slots():
     assert lines and all(re.fullmatch(r"[\w.-]+ slots=\d+", line) for line in lines)
 
 
-def test_the_compose_file_has_every_service_and_publishes_ports_on_127_0_0_1_by_default():
-    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert set(services) == {"postgres", "minio", "buckets", "prefect-server", "mlflow", "prefect-worker"}
+def test_the_compose_services_reach_each_other_by_name_and_publish_ports_on_127_0_0_1_by_default():
+    from flows.services import MLFLOW_SERVER_SCRIPT, mlflow_server_program
+
+    services = yaml.safe_load((INFRA / "docker-compose.yml").read_text())["services"]
     published = [port for service in services.values() for port in service.get("ports", [])]
     assert published and all(port.startswith("${DINOV2_BIND:-127.0.0.1}:") for port in published)
-    mlflow_command = services["mlflow"]["command"]
-    assert mlflow_command[mlflow_command.index("--artifacts-destination") + 1] == "s3://mlflow/"
-    assert mlflow_command[mlflow_command.index("--backend-store-uri") + 1].startswith("postgresql://")
+
+    def listening_port(name: str) -> int:
+        command = services[name]["command"]
+        return int(command[command.index("--port") + 1])
+
+    def served_by(url: str) -> str:
+        """The service a URL of the file points at, checked to be one of the file at the port it listens on."""
+        address = urlparse(url)
+        assert address.hostname in services, url
+        if "--port" in services[address.hostname].get("command", []):
+            assert address.port == listening_port(address.hostname), url
+        return address.hostname
+
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
     worker = services["prefect-worker"]["environment"]
-    assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
-        "postgresql+asyncpg://"
-    )
+    assert served_by(worker["PREFECT_API_URL"]) == "prefect-server"
+    assert served_by(worker["MLFLOW_TRACKING_URI"]) == "mlflow"
+    prefect_database = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert prefect_database.startswith("postgresql+asyncpg://") and served_by(prefect_database) == "postgres"
+    # the team's MLflow server is the one `make up` and the tests start (the same script, given the same options),
+    # on Postgres with its artifacts in the bucket the `buckets` service creates
+    mlflow_command = services["mlflow"]["command"]
+    assert mlflow_command[:2] == ["sh", f"/opt/dinov2/{MLFLOW_SERVER_SCRIPT.relative_to(REPOSITORY)}"]
+    local = mlflow_server_program("sqlite:///mlflow.db", "artifacts", "127.0.0.1", 5000).command
+    assert {word for word in local if word.startswith("--")} <= set(mlflow_command)
+    backend_store = mlflow_command[mlflow_command.index("--backend-store-uri") + 1]
+    assert backend_store.startswith("postgresql://") and served_by(backend_store) == "postgres"
+    artifacts = urlparse(mlflow_command[mlflow_command.index("--artifacts-destination") + 1])
+    assert artifacts.scheme == "s3" and f"store/{artifacts.hostname}" in " ".join(services["buckets"]["command"])
 
 
-def test_prefect_yaml_deployments_share_the_work_pool_definitions_through_aliases():
-    text = (REPOSITORY / "prefect.yaml").read_text()
-    config = yaml.safe_load(text)
-    pools = config["definitions"]["work_pools"]
-    assert [entry["work_pool"]["name"] for entry in config["deployments"]] == [
-        "gpu-cluster", "gpu-cluster", "local", "local", "local", "local", "local",
-    ]  # fmt: skip
-    assert text.count("work_pool: *local_pool") == 5 and text.count("work_pool: *gpu_cluster_pool") == 2
-    assert pools["local"]["name"] == "local"
+def test_every_deployment_runs_a_flow_that_takes_its_parameters_on_a_pool_make_up_serves(
+    declared_deployments, monkeypatch
+):
+    """prefect.yaml loads with Prefect's own parser; each entrypoint imports a flow that accepts the deployment's
+    parameters; each deployment is on one of the shared pool definitions, with a worker from `make up`: the
+    cluster pool for a launch that submits a job to a cluster (its launch plan writes a job file: an sbatch script,
+    a PyTorchJob), the local pool for a run on the worker's machine."""
+    from prefect.flows import Flow
+
+    from dinov2.configuration.settings import ServiceSettings
+
+    monkeypatch.delenv("DINOV2_WORK_POOLS", raising=False)
+    served = ServiceSettings().pools
+    defined = list(yaml.safe_load((REPOSITORY / "prefect.yaml").read_text())["definitions"]["work_pools"].values())
+    names = [declared.name for declared in declared_deployments]
+    assert names and len(set(names)) == len(names), names  # `prefect deployment run FLOW/NAME` names one each
+    for declared in declared_deployments:
+        assert isinstance(declared.flow, Flow), declared.name
+        accepted = declared.flow.validate_parameters(declared.parameters)  # raises on a parameter it does not take
+        assert declared.work_pool in defined and declared.work_pool["name"] in served, declared.name
+        submits_a_job = "launcher" in accepted and bool(rendered_launch(declared.name).files)
+        assert declared.work_pool["name"] == ("gpu-cluster" if submits_a_job else "local"), declared.name
+
+
+def test_a_deployment_with_a_parameter_its_flow_does_not_take_is_refused(declared_deployments):
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+
+    flow = next(declared for declared in declared_deployments if declared.name == "pretrain/cpu").flow
+    with pytest.raises(SignatureMismatchError, match="nodse"):
+        flow.validate_parameters({"recipe": "cpu_tiny", "nodse": 2})
+    with pytest.raises(ParameterTypeError, match="nodes"):
+        flow.validate_parameters({"recipe": "cpu_tiny", "nodes": "many"})
 
 
 def test_bad_launch_settings_fail_before_anything_renders():

@@ -104,12 +104,12 @@ def environment(root: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(1800)
 def test_the_pipeline_runs_every_stage_once_reruns_what_changed_and_records_experiments(
-    repository, services, deployment_runs
+    repository, services, deployment_runs, run_dinov2
 ):
     env = environment(repository)
     dvc = str(Path(sys.executable).with_name("dvc"))
 
-    first = run([sys.executable, "-m", "dinov2", "pipeline"], repository, env, timeout=1500)
+    first = run_dinov2("pipeline", cwd=repository, env=env, timeout=1500, check=True)
     assert stages_run(first.stdout) == STAGES
 
     import mlflow

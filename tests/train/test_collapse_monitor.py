@@ -4,8 +4,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -51,17 +49,17 @@ def test_the_monitor_warns_once_after_a_full_window_past_the_grace_period_and_ca
 @pytest.mark.slow
 @pytest.mark.parametrize(("layerscale", "collapses"), [(1e-5, True), (1.0, False)])
 def test_a_run_that_collapses_trips_the_monitor_and_one_that_does_not_stays_quiet(
-    layerscale, collapses, image_folder, tmp_path
+    layerscale, collapses, image_folder, tmp_path, run_dinov2
 ):
     images = image_folder(4, 1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    command = [
-        sys.executable, "-m", "dinov2", "pretrain", "--recipe", "cpu_tiny", "--data", str(images / "train"),
+    arguments = [
+        "pretrain", "--recipe", "cpu_tiny", "--data", str(images / "train"),
         "--output", str(tmp_path / "run"), "--set", "train.batch_size=8", "--set", "train.iterations_per_epoch=4",
         "--set", "optim.epochs=2", "--set", "monitor.grace_iterations=0", "--set", "monitor.window=4",
         "--set", f"student.layerscale={layerscale}",
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = run_dinov2(*arguments, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert ("DINO objective has collapsed" in result.stderr) is collapses

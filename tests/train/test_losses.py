@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -117,12 +116,6 @@ def test_dino_head_shapes_gain_and_normalised_prototypes():
     torch.testing.assert_close(head(inputs), 2 * out)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_sinkhorn_and_centers(rank: int, world: int, port: int, logits: torch.Tensor, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -138,12 +131,12 @@ def _rank_sinkhorn_and_centers(rank: int, world: int, port: int, logits: torch.T
 
 
 @pytest.mark.slow
-def test_two_ranks_compute_the_same_targets_and_centers_as_one_process():
+def test_two_ranks_compute_the_same_targets_and_centers_as_one_process(unused_port):
     torch.manual_seed(0)
     logits = torch.randn(8, 6)
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = unused_port()
     processes = [context.Process(target=_rank_sinkhorn_and_centers, args=(r, 2, port, logits, queue)) for r in range(2)]
     for process in processes:
         process.start()

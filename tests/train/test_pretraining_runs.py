@@ -40,49 +40,29 @@ def run_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
 
-def pretrain_command(launcher: str, *args: str) -> list[str]:
+def launcher_words(launcher: str, unused_port) -> list[str]:
+    """What comes before `dinov2 pretrain ...` on each launcher: alone, or 2 processes under torchrun or under the
+    deepspeed launcher."""
     if launcher == "python":
-        return [sys.executable, "-m", "dinov2", "pretrain", *args]
+        return [sys.executable, "-m"]
     if launcher == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "dinov2",
-            "pretrain",
-            *args,
-        ]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
     if launcher == "deepspeed":
         deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-        return [
-            deepspeed,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "--module",
-            "dinov2",
-            "pretrain",
-            *args,
-        ]
+        return [deepspeed, "--num_gpus", "2", "--master_port", str(unused_port()), "--module"]
     raise ValueError(launcher)
 
 
-def _free_port() -> int:
-    import socket
+@pytest.fixture
+def pretrain(run_dinov2, unused_port, run_env):
+    """``pretrain(launcher, *args, timeout=600, check=True)``: `dinov2 pretrain ARGS` on ``launcher``, tracked in
+    this test's MLflow store; it must exit 0 unless ``check`` is false."""
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    def run(launcher: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        words = launcher_words(launcher, unused_port)
+        return run_dinov2("pretrain", *args, env=run_env, timeout=timeout, check=check, launcher=words)
 
-
-def run(command: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+    return run
 
 
 def teacher_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -99,7 +79,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
-def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, run_env, tmp_path):
+def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, pretrain, tmp_path):
     # The recipe's clip of 3.0 is active at every step here (measured norms: backbone 2185 -> 8,
     # heads 112 -> 3.2 over the 6 steps). ZeRO-0 clips whole gradients; ZeRO-2 and ZeRO-3 clip the
     # partitions each rank holds with the per-module norms summed over ranks.
@@ -110,7 +90,7 @@ def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, run_env, 
     for name, (stage, launcher, clip) in runs.items():
         output = tmp_path / name
         settings = ["--set", f"deepspeed.zero_stage={stage}", "--set", f"optim.clip_grad={clip}"]
-        run(pretrain_command(launcher, *common, *settings, "--output", str(output)), run_env)
+        pretrain(launcher, *common, *settings, "--output", str(output))
         teachers[name] = teacher_weights(output / "teacher")
         assert json.loads((output / "metrics.json").read_text())["iteration"] == 6
         if stage:
@@ -127,15 +107,14 @@ def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, run_env, 
     assert distances["zero2_unclipped"] > 0.2 * moved
 
 
-def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(image_slice, run_env, tmp_path):
+def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(
+    image_slice, pretrain, start_dinov2, run_env, tmp_path
+):
     arguments = [*SHORT_RUN, "--set", "optim.epochs=4", "--data", str(image_slice / "train")]  # 12 iterations
-    run(pretrain_command("python", *arguments, "--output", str(tmp_path / "straight")), run_env)
+    pretrain("python", *arguments, "--output", str(tmp_path / "straight"))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        pretrain_command("python", *arguments, "--output", str(killed)),
-        env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = start_dinov2("pretrain", *arguments, "--output", str(killed), env=run_env, output=False)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "iter_0000004"):
@@ -146,25 +125,25 @@ def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(image_slice, r
     process.wait()
     assert not (killed / "teacher").exists()
 
-    resumed = run(pretrain_command("python", *arguments, "--output", str(killed)), run_env)
+    resumed = pretrain("python", *arguments, "--output", str(killed))
     assert "resumed from" in resumed.stderr
     straight, again = teacher_weights(tmp_path / "straight" / "teacher"), teacher_weights(killed / "teacher")
     assert max_difference(straight, again) == 0.0
 
 
-def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(image_slice, run_env, tmp_path):
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(image_slice, pretrain, tmp_path):
     arguments = [*SHORT_RUN, *FOLLOWING_TEACHER, "--data", str(image_slice / "train")]
     # Off: the parts that depend on how the batch is split over ranks (KoLeo's neighbours are looked
     # for within a rank, masks are drawn per rank batch, drop path per rank). The rest of the step is
     # the same computation on 1 or 2 ranks, so the resumed run must track the uninterrupted one.
     arguments += ["--set", "deepspeed.zero_stage=2", "--set", "dino.koleo_loss_weight=0"]
     arguments += ["--set", "ibot.loss_weight=0", "--set", "student.drop_path_rate=0"]
-    run(pretrain_command("torchrun", *arguments, "--output", str(tmp_path / "straight")), run_env)
+    pretrain("torchrun", *arguments, "--output", str(tmp_path / "straight"))
     moved = tmp_path / "moved"
-    run(pretrain_command("torchrun", *arguments, "--output", str(moved), "--max-iterations", "4"), run_env)
+    pretrain("torchrun", *arguments, "--output", str(moved), "--max-iterations", "4")
     shutil.copytree(moved / "exports" / "iter_0000004" / "teacher", tmp_path / "teacher_at_4")
 
-    resumed = run(pretrain_command("python", *arguments, "--output", str(moved)), run_env)
+    resumed = pretrain("python", *arguments, "--output", str(moved))
     assert "saved on 2 ranks; resuming on 1 from its universal form" in resumed.stderr
     assert json.loads((moved / "metrics.json").read_text())["iteration"] == 6
     assert not (moved / "checkpoints" / "universal").exists()  # removed once the run has its own checkpoint
@@ -179,21 +158,20 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(image_slice, run_env, t
     assert drift < 1e-4 * l2_distance(straight, at_4)
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_slice, run_env, tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(image_slice, pretrain, tmp_path):
     output = tmp_path / "diverged"
     arguments = [*SHORT_RUN, "--data", str(image_slice / "train"), "--output", str(output)]
-    run(pretrain_command("python", *arguments, "--max-iterations", "2"), run_env)
-    result = subprocess.run(
-        pretrain_command("python", *arguments, "--set", "optim.base_lr=1e30", "--set", "optim.clip_grad=0"),
-        env=run_env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    pretrain("python", *arguments, "--max-iterations", "2")
+    result = pretrain("python", *arguments, "--set", "optim.base_lr=1e30", "--set", "optim.clip_grad=0", check=False)
     assert result.returncode != 0
     assert "stopped before updating the weights; last good checkpoint:" in result.stdout + result.stderr
     assert (output / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert not (output / "teacher").exists()
 
 
-def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher_knn(image_folder, run_env, tmp_path):
+def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher_knn(
+    image_folder, pretrain, run_env, tmp_path
+):
     # 100 training and 30 test images per class; the cpu_tiny recipe as shipped (300 iterations)
     root = image_folder(100, 30)
     output = tmp_path / "run"
@@ -207,7 +185,7 @@ def test_a_few_hundred_iterations_on_real_images_lower_the_loss_and_lift_teacher
         "--output",
         str(output),
     ]
-    run(pretrain_command("python", *arguments), run_env, timeout=1200)
+    pretrain("python", *arguments, timeout=1200)
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["iteration"] == 300
 
