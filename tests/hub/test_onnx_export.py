@@ -116,19 +116,6 @@ def test_resize_weights_at_the_training_grid_are_the_identity():
     torch.testing.assert_close(weights, torch.eye(8), rtol=0, atol=0)
 
 
-def test_fp16_export_runs_in_onnx_runtime_cpu_within_its_tolerance(tmp_path):
-    import onnxruntime
-
-    model = build("registers")
-    path = export_onnx(model, tmp_path / "fp16.onnx", dtype="fp16")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].type == "tensor(float16)"
-    parity = check_onnx_parity(model, path)
-    # measured about 3e-3 against the fp32 forward; fp16 keeps about 3 significant digits
-    assert max(parity.values()) < TOLERANCE["fp16"], parity
-    assert max(parity.values()) > 1e-5, "an fp16 graph cannot be this close: did it export fp32?"
-
-
 def test_export_refuses_a_wrong_suffix_and_dtype(tmp_path):
     model = DinoVisionTransformer(**TINY)
     with pytest.raises(ValueError, match=r"should end in \.onnx"):
@@ -148,7 +135,7 @@ def test_missing_onnx_packages_are_one_line_with_what_to_install(monkeypatch, cl
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_cli_exports_fp16_onnx_and_prints_the_parity_per_output(cli, monkeypatch, tmp_path):
+def test_cli_exports_fp16_onnx_that_runs_on_the_cpu_and_prints_the_parity_per_output(cli, monkeypatch, tmp_path):
     from dinov2.hub import save_backbone
 
     monkeypatch.setenv("DINOV2_TRACKING", "off")
@@ -160,8 +147,13 @@ def test_cli_exports_fp16_onnx_and_prints_the_parity_per_output(cli, monkeypatch
         line.split("│")[1].strip(): line.split("│")[2].strip() for line in output.splitlines() if line.count("│") == 4
     }
     assert set(rows) == {"cls_token", "patch_tokens", "register_tokens"}
-    assert all(float(value) < TOLERANCE["fp16"] for value in rows.values()), rows
+    # measured about 3e-3 against the fp32 forward: fp16 keeps about 3 significant digits
+    assert all(1e-5 < float(value) < TOLERANCE["fp16"] for value in rows.values()), rows
     assert f"wrote {out} (onnx)" in output
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"  # an fp16 graph, run by ONNX Runtime's CPU provider
 
 
 def test_cli_removes_an_export_that_fails_parity_and_exits_2(cli, monkeypatch, tmp_path):
