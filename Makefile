@@ -63,5 +63,6 @@ down:
 status:
 	$(PYTHON) -m flows.services status
 
+# Removes what runs produce (outputs/, the training checkpoints); the DVC cache and remote stay.
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs checkpoints .pytest_cache

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from dinov2.options import OVERRIDES, PARAMS, RECIPE
+from dinov2.options import CHECKPOINTS, OVERRIDES, PARAMS, RECIPE
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to distil on."),
         output: Path = typer.Option(Path("outputs/distill"), help="Run folder: checkpoints, students, metrics."),
         override: list[str] = OVERRIDES,
+        checkpoints: Path | None = CHECKPOINTS,
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),
         knn_data: Path | None = typer.Option(None, help="ImageFolder root with train/ and test/ for kNN."),
         dry_run: bool = typer.Option(False, help="Size teacher + students (params, FLOPs, memory per GPU)."),
@@ -50,4 +51,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--data is required to distil", param_hint="--data")
         from dinov2.distill.run import distill as run_distill
 
-        finish_training(lambda: run_distill(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data))
+        finish_training(
+            lambda: run_distill(
+                resolved, data, output, max_iterations=max_iterations, knn_data=knn_data, checkpoints=checkpoints
+            )
+        )

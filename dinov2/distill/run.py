@@ -8,7 +8,8 @@ from pathlib import Path
 from dinov2.configuration.recipes import DistillRecipe, Recipe
 from dinov2.distill.meta_arch import DistillMetaArch
 from dinov2.distill.teacher import TeacherError, TeacherSpec, inspect_teacher, load_teacher
-from dinov2.train.head_fitting import fit_heads, head_fitting_recipe
+from dinov2.train.checkpoints import state_folder
+from dinov2.train.head_fitting import HEAD_FITTING_FOLDER, fit_heads, head_fitting_recipe
 from dinov2.train.sources import read_heads
 from dinov2.train.train import RunResult, Tracking, run_training
 
@@ -49,10 +50,17 @@ def distill(
     output_dir: str | Path,
     max_iterations: int | None = None,
     knn_data: str | Path | None = None,
+    checkpoints: str | Path | None = None,
 ) -> RunResult:
     """Distil the recipe's teacher into its students (or resume), until the last iteration or
-    ``max_iterations`` more."""
+    ``max_iterations`` more. ``checkpoints``: a folder outside the output where the run keeps its state, keyed
+    by the recipe, the data and the teacher's files (``state_folder``); default: ``output_dir/checkpoints``."""
     output_dir = Path(output_dir)
+    distillation = recipe.distillation
+    state = (
+        None if checkpoints is None
+        else state_folder(Path(checkpoints), recipe, data, [distillation.teacher, distillation.teacher_weights])
+    )  # fmt: skip
     distillation = recipe.distillation
     spec = inspect_teacher(distillation.teacher, distillation.teacher_weights)
     check_token_grids(recipe, spec)
@@ -68,6 +76,7 @@ def distill(
         fitting = fit_heads(
             lambda: head_fitting_recipe(recipe, distillation.head_fitting, teacher_as_student(spec)),
             lambda: load_teacher(spec)["backbone"], data, output_dir, tracking, max_iterations,
+            checkpoints=None if state is None else state / HEAD_FITTING_FOLDER,
         )  # fmt: skip
         if fitting.stops_the_call:
             return fitting.run
@@ -81,7 +90,7 @@ def distill(
     )  # fmt: skip
     return run_training(
         lambda: DistillMetaArch(recipe, teacher), recipe, data, output_dir, tracking, max_iterations=max_iterations,
-        knn_data=knn_data, collate=no_mask_collate(recipe),
+        knn_data=knn_data, collate=no_mask_collate(recipe), checkpoints=state,
     )  # fmt: skip
 
 

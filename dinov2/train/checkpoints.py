@@ -5,9 +5,16 @@ iteration as client state) and ``ema_and_centers.safetensors`` (the EMAs and los
 optimizer does not hold, in a world-size-independent file). DeepSpeed moves ``latest`` to a tag only after
 writing it, and the EMA file is written first, so a killed save never looks complete. A checkpoint
 partitioned for another number of ranks is converted once to DeepSpeed's universal form and resumed from it.
+
+``state_folder(root, recipe, ...)`` is where a run keeps that state when it must outlive its output folder
+(``--checkpoints ROOT``): ``ROOT/<recipe name>-<key>``, the key a digest of the resolved recipe and of the
+run's inputs. The same stage with the same inputs finds its checkpoints again; a changed key or input starts
+fresh in a folder of its own, and the older folders stay until deleted.
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -22,6 +29,10 @@ from dinov2.train.teacher import save_ema_state
 logger = logging.getLogger(__name__)
 
 EMA_STATE_FILE = "ema_and_centers.safetensors"
+
+
+def checkpoint_tag(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
 
 
 def checkpoint_tags(folder: Path) -> list[str]:
@@ -90,7 +101,7 @@ def save_checkpoint(
     """A DeepSpeed checkpoint with the data position and the EMA/center state; older ones beyond
     ``keep_last`` are removed. DeepSpeed moves ``latest`` to a tag only after writing it, so the
     EMA file is written first and a killed save never looks complete."""
-    tag = f"iter_{iteration:07d}"
+    tag = checkpoint_tag(iteration)
     save_ema_state(ema_state, folder / tag / EMA_STATE_FILE, is_writer)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"iteration": iteration, "sampler": sampler.state_dict()})
     barrier()
@@ -99,3 +110,37 @@ def save_checkpoint(
             shutil.rmtree(folder / old, ignore_errors=True)
         # a converted copy of the checkpoint this run resumed from is not needed once it has its own
         shutil.rmtree(folder / "universal", ignore_errors=True)
+
+
+def state_folder(root: Path, recipe, data: str | Path, models: list[str | Path | None]) -> Path:
+    """``root/<recipe name>-<key>``: the key digests the resolved recipe (every key, so any params change
+    starts fresh), the data (a manifest by its bytes; a folder by its files' relative paths and sizes, since
+    reading every image would cost as much as an epoch) and the model files the run starts from (by their
+    bytes: a retrained teacher has the same shapes and sizes)."""
+    digest = hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(_input_digest(Path(data), content=Path(data).is_file()).encode())
+    for model in models:
+        if model is not None and Path(model).exists():
+            digest.update(_input_digest(Path(model), content=True).encode())
+    folder = Path(root) / f"{recipe.name}-{digest.hexdigest()[:12]}"
+    others = [p.name for p in Path(root).glob(f"{recipe.name}-*") if p.is_dir() and p != folder]
+    if others and not folder.is_dir():
+        logger.info(
+            "checkpoints in %s: a new folder for this recipe and these inputs; %d other folder(s) of runs with "
+            "other params or inputs stay there until deleted (%s)", folder, len(others), ", ".join(sorted(others)),
+        )  # fmt: skip
+    return folder
+
+
+def _input_digest(path: Path, content: bool) -> str:
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        if content:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        else:
+            digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()

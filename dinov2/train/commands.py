@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dinov2.options import OVERRIDES, PARAMS, RECIPE
+from dinov2.options import CHECKPOINTS, OVERRIDES, PARAMS, RECIPE
 
 
 def register(app: typer.Typer) -> None:
@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to pretrain on."),
         output: Path = typer.Option(Path("outputs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
         override: list[str] = OVERRIDES,
+        checkpoints: Path | None = CHECKPOINTS,
         init: str | None = typer.Option(
             None,
             "--init",
@@ -58,7 +59,11 @@ def register(app: typer.Typer) -> None:
             return
         if data is None:
             raise typer.BadParameter("--data is required to train", param_hint="--data")
-        finish_training(lambda: run_pretrain(resolved, data, output, max_iterations=max_iterations, knn_data=knn_data))
+        finish_training(
+            lambda: run_pretrain(
+                resolved, data, output, max_iterations=max_iterations, knn_data=knn_data, checkpoints=checkpoints
+            )
+        )
 
 
 def finish_training(train) -> None:

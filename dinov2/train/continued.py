@@ -19,7 +19,7 @@ import torch
 from dinov2.configuration.recipes import Recipe
 from dinov2.hub.checkpoints import describe, load_state_dict_strict, state_dict_problems
 from dinov2.models import DinoVisionTransformer
-from dinov2.train.head_fitting import fit_heads, head_fitting_recipe
+from dinov2.train.head_fitting import HEAD_FITTING_FOLDER, fit_heads, head_fitting_recipe
 from dinov2.train.sources import BackboneSource, SourceError, inspect_source, load_source, read_heads
 from dinov2.train.ssl_meta_arch import SSLMetaArch, build_backbone, build_heads
 from dinov2.train.train import RunResult, Tracking, run_training
@@ -73,10 +73,11 @@ def continue_pretraining(
     output_dir: str | Path,
     max_iterations: int | None = None,
     knn_data: str | Path | None = None,
+    checkpoints: Path | None = None,
 ) -> RunResult:
     """Pretraining from ``recipe.init`` (or its resumption): head fitting first when the source has no heads,
     then the recipe's run, until its last iteration or ``max_iterations`` more iterations in this call (head
-    fitting included)."""
+    fitting included). ``checkpoints``: the run's state folder (head fitting's in its ``head_fitting/``)."""
     output_dir = Path(output_dir)
     init = recipe.init
     spec = inspect_init(recipe)
@@ -90,6 +91,7 @@ def continue_pretraining(
         fitting = fit_heads(
             lambda: head_fitting_recipe(recipe, init.head_fitting, recipe.student.model_dump(mode="json")),
             lambda: load_init_backbone(recipe, spec), data, output_dir, tracking, max_iterations,
+            checkpoints=None if checkpoints is None else checkpoints / HEAD_FITTING_FOLDER,
         )  # fmt: skip
         if fitting.stops_the_call:
             logger.info("head fitting stopped at iteration %d; start the run again to go on", fitting.run.iteration)
@@ -107,5 +109,5 @@ def continue_pretraining(
     )  # fmt: skip
     return run_training(
         lambda: SSLMetaArch(recipe, initial=load_source(spec), initial_source=spec.source), recipe, data, output_dir,
-        tracking, max_iterations=max_iterations, knn_data=knn_data,
+        tracking, max_iterations=max_iterations, knn_data=knn_data, checkpoints=checkpoints,
     )  # fmt: skip

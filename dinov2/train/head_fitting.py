@@ -69,10 +69,12 @@ def fit_heads(
     output_dir: Path,
     tracking: Tracking,
     max_iterations: int | None = None,
+    checkpoints: Path | None = None,
 ) -> HeadFitting:
     """Train heads for the frozen ``backbone()`` with the head-fitting recipe ``fitting()`` in ``OUT/head_fitting/``
     (or resume there) until its last iteration or ``max_iterations`` more; nothing to do once its export exists.
-    Both are called only when there is fitting to do."""
+    Both are called only when there is fitting to do. ``checkpoints``: the fitting's state folder (default
+    ``OUT/head_fitting/checkpoints``)."""
     folder = output_dir / HEAD_FITTING_FOLDER
     heads_file = folder / "teacher" / "heads.safetensors"
     if heads_file.is_file():
@@ -83,7 +85,7 @@ def fit_heads(
     tracking = replace(tracking, tags={**tracking.tags, "dinov2.phase": "head_fitting"})
     result = run_training(
         lambda: SSLMetaArch(recipe, frozen_backbone=frozen), recipe, data, folder, tracking,
-        max_iterations=max_iterations,
+        max_iterations=max_iterations, checkpoints=checkpoints,
     )  # fmt: skip
     left = None if max_iterations is None else max_iterations - (result.iteration - result.start)
     return HeadFitting(heads_file, result, left)

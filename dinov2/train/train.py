@@ -4,16 +4,21 @@ to many GPUs.
 One engine for every objective and launcher (none, torchrun, deepspeed): ``run_training(build, ...)``
 with an ``Objective`` (``SSLMetaArch`` for ``pretrain``, the distillation arch for ``distill``).
 Each iteration: schedules -> teacher targets -> student loss -> backward -> per-module clip (every
-ZeRO stage) -> step -> EMA updates. Resumes from the newest DeepSpeed checkpoint in ``output/checkpoints``
-(``checkpoints.py``) at the data position it was saved at: crops and masks are functions of (seed,
+ZeRO stage) -> step -> EMA updates. Resumes from the newest DeepSpeed checkpoint in the run's state folder
+(``output/checkpoints`` unless given elsewhere, ``checkpoints.py``) at the data position it was saved at. The
+state folder holds all a resume needs (checkpoints, the MLflow run id, the metrics history up to each
+checkpoint), so a run resumes even when its output folder was deleted, as ``dvc repro`` deletes a stage's
+outputs before running it. Crops and masks are functions of (seed,
 position), and the per-iteration RNG (drop path) is reseeded from (seed, iteration, rank), so a resumed run
 on the same world size is bitwise identical on CPU to an uninterrupted one. The DeepSpeed engine, its
 precision and optimizer are set up in ``engine.py``; ``monitoring.py`` writes ``plots/train.csv`` and the kNN
 accuracies.
 """
 
+import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +38,13 @@ from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import ResumableInfiniteSampler
 from dinov2.loss.distributed import all_reduce_sum
 from dinov2.tracking import Tracker, tracked_run
-from dinov2.train.checkpoints import EMA_STATE_FILE, latest_complete_tag, resume_source, save_checkpoint
+from dinov2.train.checkpoints import (
+    EMA_STATE_FILE,
+    checkpoint_tag,
+    latest_complete_tag,
+    resume_source,
+    save_checkpoint,
+)
 from dinov2.train.clipping import clip_per_module
 from dinov2.train.collapse import CollapseMonitor
 from dinov2.train.distributed import barrier, init_distributed, launched_rank
@@ -47,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 _ITERATION_RNG_STREAM = 2
 LOG_EVERY = 10  # iterations between log lines (the progress bar shows every one on a terminal)
+HISTORY = Path("plots") / "train.csv"  # in the output folder
+HISTORY_COPY = "train.csv"  # in each checkpoint: the history up to it
+INITIAL_FILE = "initial_metrics.json"  # in the output folder: the kNN accuracies at initialisation
+RUN_ID_FILE = "mlflow_run_id"  # in the state folder (for a resume) and the output folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,14 +158,12 @@ class Run:
     rank: int
     world_size: int
     output_dir: Path
+    checkpoints: Path  # the state folder: checkpoints, the MLflow run id
     start: int
     stop: int
     knn_root: Path | None
+    initial: dict[str, float]  # the kNN accuracies at initialisation
     skipped_images: int = 0
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.output_dir / "checkpoints"
 
     @property
     def is_writer(self) -> bool:
@@ -172,13 +185,15 @@ def set_up(
     recipe: Recipe,
     data: str | Path,
     output_dir: Path,
+    checkpoints: Path,
     max_iterations: int | None,
     knn_data: str | Path | None,
     collate: Callable | None,
 ) -> Run:
-    """Everything before the first step, checked before any work: data, resume point, engine, data stream.
-    Work that may take minutes on one rank and not the others (a manifest's index, a universal checkpoint)
-    is done before the process group exists, so no collective can time out waiting."""
+    """Everything before the first step, checked before any work: data, resume point, engine, the run's
+    start (``begin``), data stream. Work that may take minutes on one rank and not the others (a manifest's
+    index, a universal checkpoint) is done before the process group exists, so no collective can time out
+    waiting."""
     rank, world_size = launched_rank()
     if recipe.train.batch_size % world_size:
         raise ValueError(f"train.batch_size {recipe.train.batch_size} is not divisible by the world size {world_size}")
@@ -192,8 +207,9 @@ def set_up(
         crops.global_crops_size, crops.local_crops_size, blur_probabilities=crops.blur_probabilities,
     )  # fmt: skip
     dataset = open_dataset(data, augmentation)
-    checkpoints = output_dir / "checkpoints"
     load_dir, tag = resume_source(checkpoints, world_size, rank)
+    # decided by every rank before any rank can write it (the engine's set-up below is collective)
+    recorded = _initial_record(output_dir) if tag is not None else None
     _, _, device = init_distributed()
 
     torch.manual_seed(recipe.train.seed)
@@ -204,6 +220,7 @@ def set_up(
     sampler = ResumableInfiniteSampler(
         len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=rank, world_size=world_size
     )
+    initial = recorded if recorded is not None else begin(objective, recipe, device, knn_root, output_dir, rank == 0)
     start = 0
     if tag is not None:
         _, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
@@ -212,6 +229,10 @@ def set_up(
         start = int(client_state["iteration"])
         sampler.load_state_dict(client_state["sampler"])
         logger.info("resumed from %s at iteration %d", load_dir / tag, start)
+        history = output_dir / HISTORY
+        if rank == 0 and not history.is_file() and (checkpoints / tag / HISTORY_COPY).is_file():
+            history.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoints / tag / HISTORY_COPY, history)
     loader = make_pretraining_loader(
         dataset, sampler, recipe.train.batch_size // world_size, collate or make_collate(recipe),
         num_workers=recipe.train.num_workers, pin_memory=device.type == "cuda",
@@ -219,8 +240,30 @@ def set_up(
     stop = recipe.total_iterations if max_iterations is None else min(recipe.total_iterations, start + max_iterations)
     return Run(
         recipe, objective, engine, optimizer, schedules, sampler, iter(loader), device, rank, world_size,
-        output_dir, start, stop, knn_root,
+        output_dir, checkpoints, start, stop, knn_root, initial,
     )  # fmt: skip
+
+
+def _initial_record(output_dir: Path) -> dict[str, float] | None:
+    """The kNN accuracies at initialisation a run's start recorded in ``output_dir``; None when it has none
+    (a fresh folder, or one that was deleted while the checkpoints survived)."""
+    path = output_dir / INITIAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def begin(
+    objective, recipe: Recipe, device: torch.device, knn_root: Path | None, output_dir: Path, is_writer: bool
+) -> dict[str, float]:
+    """What a run records of its models before the first step: their kNN accuracies and the iteration-0
+    export. Done again before resuming into an output folder that lacks them, from the seed's initialisation
+    (before the checkpoint is loaded), so a resumed run's outputs are those of an uninterrupted one."""
+    initial = knn_metrics(objective, knn_root, recipe, device, "_init") if knn_root is not None else {}
+    metadata = {"recipe": recipe.name, "iteration": 0}
+    for name, models in objective.exports().items():
+        export_models(models, output_dir / "exports" / "iter_0000000" / name, is_writer, metadata)
+    if is_writer:
+        write_json(initial, output_dir / INITIAL_FILE)
+    return initial
 
 
 def train_step(run: Run, iteration: int) -> dict[str, float]:
@@ -273,13 +316,16 @@ def train_step(run: Run, iteration: int) -> dict[str, float]:
 
 
 def _open_run(run: Run, tracker: Tracker, tracking: Tracking, data: str | Path, run_file: Path) -> None:
-    """Tag a resumed MLflow run, or record a new run's id (for a later resume) and its params."""
+    """Tag a resumed MLflow run, or record a new run's id (for a later resume) and its params. The id is
+    also written in the output folder, for whoever reads the run folder."""
     if tracker.active and tracker.run_id == _resumed_run(run, run_file):
         tracker.set_tags({f"dinov2.resumed_at_{run.start}": f"world size {run.world_size}"})
     elif tracker.active:
         write_atomically(run_file, lambda tmp: tmp.write_text(tracker.run_id + "\n"))
         params = {"run.world_size": run.world_size, "run.device": run.device.type, "run.data": str(data)}
         tracker.log_params({**params, **tracking.params})
+    if tracker.active and run.is_writer:
+        write_atomically(run.output_dir / RUN_ID_FILE, lambda tmp: tmp.write_text(tracker.run_id + "\n"))
 
 
 def _resumed_run(run: Run, run_file: Path) -> str | None:
@@ -315,6 +361,9 @@ def _after_step(
         tracker.log_metrics({f"train/{k}": v for k, v in run.knn().items()}, step=iteration)
         run.objective.train()
     if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == run.stop:
+        tag = checkpoint_tag(iteration)
+        if run.is_writer:  # the history up to this checkpoint, for a resume into a deleted output folder
+            write_atomically(run.checkpoints / tag / HISTORY_COPY, lambda tmp: shutil.copyfile(history.path, tmp))
         save_checkpoint(
             run.engine, run.objective.ema_state(), run.checkpoints, iteration, run.sampler,
             recipe.checkpoint.keep_last, run.is_writer,
@@ -346,27 +395,27 @@ def run_training(
     max_iterations: int | None = None,
     knn_data: str | Path | None = None,
     collate: Callable | None = None,
+    checkpoints: str | Path | None = None,
 ) -> RunResult:
     """Train (or resume) ``build()``'s objective until the recipe's last iteration, or ``max_iterations``
-    more in this call. The objective is built right after seeding, so its initialisation is the seed's."""
+    more in this call. The objective is built right after seeding, so its initialisation is the seed's.
+    ``checkpoints``: the run's state folder (default ``output_dir/checkpoints``)."""
     output_dir = Path(output_dir)
-    run = set_up(build, recipe, data, output_dir, max_iterations, knn_data, collate)
+    checkpoints = output_dir / "checkpoints" if checkpoints is None else Path(checkpoints)
+    run = set_up(build, recipe, data, output_dir, checkpoints, max_iterations, knn_data, collate)
     if run.is_writer:
         write_json(recipe.model_dump(mode="json"), output_dir / "recipe.json", sort_keys=False)
-    run_file = output_dir / "mlflow_run_id"
-    metrics: dict[str, float] = dict(tracking.summary)
+    run_file = checkpoints / RUN_ID_FILE
+    metrics: dict[str, float] = {**tracking.summary, **run.initial}
     step_metrics: dict[str, float] = {}  # the last iteration's, reported at the end
     with tracked_run(
         tracking.stage, recipe=recipe.name, config=recipe.model_dump(mode="json"), run_name=tracking.run_name,
         tags=tracking.tags, resume_run_id=_resumed_run(run, run_file),
     ) as tracker:  # fmt: skip
         _open_run(run, tracker, tracking, data, run_file)
-        if run.start == 0:
-            if run.knn_root is not None:
-                metrics.update(run.knn(suffix="_init"))
-                tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
-            run.export(lambda name: output_dir / "exports" / "iter_0000000" / name, 0)
-        history = MetricsHistory(output_dir / "plots" / "train.csv", run.start, enabled=run.is_writer)
+        if run.start == 0 and run.initial:
+            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
+        history = MetricsHistory(output_dir / HISTORY, run.start, enabled=run.is_writer)
         watch = recipe.monitor
         monitor = CollapseMonitor(
             watch.window, watch.entropy_threshold, watch.cosine_threshold, watch.grace_iterations, watch.stop

@@ -13,11 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+DVC = str(Path(sys.executable).with_name("dvc"))
 
 # 6 iterations in all: 2 "epochs" of 3, checkpoints every 2, a teacher export at the end
 SHORT_RUN = [
@@ -107,28 +112,72 @@ def test_every_zero_stage_clips_each_module_as_zero0_does(image_slice, pretrain,
     assert distances["zero2_unclipped"] > 0.2 * moved
 
 
-def test_a_run_killed_mid_way_resumes_to_bitwise_the_same_teacher(
-    image_slice, pretrain, start_dinov2, run_env, tmp_path
-):
-    arguments = [*SHORT_RUN, "--set", "optim.epochs=4", "--data", str(image_slice / "train")]  # 12 iterations
-    pretrain("python", *arguments, "--output", str(tmp_path / "straight"))
+def dvc_project_with_the_pretrain_stage(root: Path, images: Path, params: dict) -> None:
+    """A DVC project at ``root`` whose one stage is the repository's ``pretrain`` stage, its command as dvc.yaml
+    writes it, on ``images`` (train/ to pretrain on, train/ and test/ for the kNN) instead of the curated set."""
+    stage = yaml.safe_load((REPOSITORY / "dvc.yaml").read_text())["stages"]["pretrain"]
+    command = stage["cmd"].replace("outputs/retrieve/curated.parquet", str(images / "train"))
+    command = command.replace("outputs/prepare/eval", str(images))
+    pipeline = {"stages": {"pretrain": {"cmd": command, "deps": [str(images)], "params": ["pretrain"],
+                                        "outs": stage["outs"]}}}  # fmt: skip
+    root.mkdir()
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": params}))
+    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=root, check=True)
 
-    killed = tmp_path / "killed"
-    process = start_dinov2("pretrain", *arguments, "--output", str(killed), env=run_env, output=False)
-    latest = killed / "checkpoints" / "latest"
+
+def test_a_dvc_repro_killed_mid_pretraining_resumes_to_bitwise_the_same_teacher(
+    image_slice, pretrain, run_env, tmp_path
+):
+    # 12 iterations, checkpoints every 2; the kNN probe at the start and the end
+    params = {
+        "recipe": "cpu_tiny", "train": {"iterations_per_epoch": 3, "batch_size": 16}, "optim": {"epochs": 4},
+        "checkpoint": {"every_n_iterations": 2, "export_every_n_iterations": 2},
+        "evaluation": {"knn_every_n_iterations": 0},
+    }  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": params}))
+    straight = tmp_path / "straight"
+    pretrain("python", "--params", str(tmp_path / "params.yaml"), "--data", str(image_slice / "train"),
+             "--knn-data", str(image_slice), "--output", str(straight))  # fmt: skip
+
+    project = tmp_path / "project"
+    dvc_project_with_the_pretrain_stage(project, image_slice, params)
+    env = {**run_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{run_env['PATH']}"}
+    repro = subprocess.Popen([DVC, "repro"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "iter_0000004"):
-        assert process.poll() is None, "the run ended before it could be killed"
+    while not any(latest.read_text().strip() >= "iter_0000004" for latest in project.glob("checkpoints/*/*/latest")):
+        assert repro.poll() is None, "dvc repro ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "teacher").exists()
+    os.killpg(repro.pid, signal.SIGKILL)  # dvc and the stage's command
+    repro.wait()
+    assert not (project / "outputs" / "pretrain" / "teacher").exists()
 
-    resumed = pretrain("python", *arguments, "--output", str(killed))
-    assert "resumed from" in resumed.stderr
-    straight, again = teacher_weights(tmp_path / "straight" / "teacher"), teacher_weights(killed / "teacher")
-    assert max_difference(straight, again) == 0.0
+    # dvc deletes outputs/pretrain before running the stage again; the run resumes from checkpoints/
+    again = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout + again.stderr
+    output = project / "outputs" / "pretrain"
+    assert max_difference(teacher_weights(straight / "teacher"), teacher_weights(output / "teacher")) == 0.0
+    # what the run recorded before the kill is back: the kNN at initialisation, the first exports, every step once
+    resumed_metrics, straight_metrics = (json.loads((f / "metrics.json").read_text()) for f in (output, straight))
+    assert resumed_metrics["knn_top1_k20_init"] == straight_metrics["knn_top1_k20_init"]
+    assert (output / "exports" / "iter_0000000" / "teacher" / "backbone.safetensors").is_file()
+    steps = [line.split(",")[0] for line in (output / "plots" / "train.csv").read_text().splitlines()[1:]]
+    assert steps == [str(step) for step in range(1, 13)]
+    # one MLflow run across the kill, tagged with where it resumed
+    run = mlflow.MlflowClient(run_env["MLFLOW_TRACKING_URI"]).get_run((output / "mlflow_run_id").read_text().strip())
+    assert any(tag.startswith("dinov2.resumed_at_") for tag in run.data.tags)
+
+    # a params change is another run: it starts fresh, in a checkpoint folder of its own
+    params["optim"]["epochs"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump({"pretrain": params}))
+    changed = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "resumed from" not in changed.stdout + changed.stderr
+    assert json.loads((output / "metrics.json").read_text())["iteration"] == 6
+    assert len(list((project / "checkpoints" / "pretrain").iterdir())) == 2
 
 
 def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank(image_slice, pretrain, tmp_path):
