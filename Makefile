@@ -63,6 +63,6 @@ down:
 status:
 	$(PYTHON) -m flows.services status
 
-# Removes what runs produce (outputs/, the training checkpoints); the DVC cache and remote stay.
+# Removes what runs produce (outputs/, runs/, the training checkpoints); the DVC cache and remote stay.
 clean:
-	rm -rf outputs checkpoints .pytest_cache
+	rm -rf outputs runs checkpoints .pytest_cache

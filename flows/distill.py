@@ -32,7 +32,7 @@ def distill(
     recipe: str | None = None,
     teacher: str = "outputs/pretrain/teacher",
     data: str | None = None,
-    output: str = "outputs/distill",
+    output: str = "runs/distill",
     overrides: list[str] | None = None,
     dry_run: bool = False,
     retries: int = 2,

@@ -16,8 +16,8 @@ def evaluate(
     backbone: str = "outputs/pretrain/teacher/backbone.safetensors",
     weights: str | None = None,
     params: str = "params.yaml",
-    out: str = "outputs/evaluate",
-    metrics: str = "metrics/evaluate.json",
+    out: str = "runs/evaluate",
+    metrics: str = "runs/evaluate.json",
     retries: int = 1,
 ) -> dict:
     """kNN, linear, logistic-regression, retrieval and dense evaluations of ``backbone`` (a .safetensors

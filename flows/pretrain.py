@@ -82,7 +82,7 @@ def launch_run(launch: LaunchPlan, cluster: ClusterSettings) -> None:
     """Run the launch and wait for it; a retry launches the same command again, which resumes from the
     newest checkpoint in the output folder."""
     logger = get_run_logger()
-    folder = REPOSITORY / "outputs" / "launch" / (launch.job_name or "local")
+    folder = REPOSITORY / "runs" / "launch" / (launch.job_name or "local")
     if launch.launcher == "slurm":
         run_slurm_job(launch, folder, cluster, logger)
     elif launch.launcher == "kubernetes":
@@ -95,7 +95,7 @@ def launch_run(launch: LaunchPlan, cluster: ClusterSettings) -> None:
 def pretrain(
     recipe: str | None = None,
     data: str | None = None,
-    output: str = "outputs/pretrain",
+    output: str = "runs/pretrain",
     overrides: list[str] | None = None,
     dry_run: bool = False,
     launcher: Launcher = "local",

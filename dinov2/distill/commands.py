@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         ),
         teacher_weights: str | None = typer.Option(None, help="For a hub-name teacher: checkpoint path/URL."),
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to distil on."),
-        output: Path = typer.Option(Path("outputs/distill"), help="Run folder: checkpoints, students, metrics."),
+        output: Path = typer.Option(Path("runs/distill"), help="Run folder: checkpoints, students, metrics."),
         override: list[str] = OVERRIDES,
         checkpoints: Path | None = CHECKPOINTS,
         max_iterations: int | None = typer.Option(None, help="Stop this call after N iterations (resume later)."),

@@ -17,8 +17,8 @@ def evaluate(
     ),
     weights: str | None = typer.Option(None, help="Checkpoint for a hub name; random init when omitted."),
     params: Path | None = PARAMS,
-    out: Path = typer.Option(Path("outputs/evaluate"), help="Report folder (replaced when the run completes)."),
-    metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="DVC metrics file."),
+    out: Path = typer.Option(Path("runs/evaluate"), help="Report folder (replaced when the run completes)."),
+    metrics: Path = typer.Option(Path("runs/evaluate.json"), help="Metrics file (DVC metrics in the pipeline)."),
     register_as: str | None = typer.Option(
         None,
         help="Register the backbone in the MLflow model registry under this name (alias candidate; "

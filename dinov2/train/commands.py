@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         recipe: str | None = RECIPE,
         params: Path | None = PARAMS,
         data: Path | None = typer.Option(None, help="Image folder or Parquet manifest to pretrain on."),
-        output: Path = typer.Option(Path("outputs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
+        output: Path = typer.Option(Path("runs/pretrain"), help="Run folder: checkpoints, exports, metrics."),
         override: list[str] = OVERRIDES,
         checkpoints: Path | None = CHECKPOINTS,
         init: str | None = typer.Option(

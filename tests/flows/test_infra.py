@@ -243,3 +243,38 @@ def test_optimizer_offload_on_zero_0_is_refused_naming_both_keys():
 
     with pytest.raises(ConfigError, match="'deepspeed': Value error, offload_optimizer needs zero_stage 1, 2 or 3"):
         load_recipe("vitg14", ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"])
+
+
+def test_deployments_and_commands_run_by_hand_write_outside_the_folders_dvc_owns(declared_deployments):
+    """DVC deletes and restores what its stages output: a deployment or a command run with its defaults writes
+    elsewhere (runs/), so `dvc status` stays clean after it and the next `dvc repro` deletes nothing of it."""
+    import inspect
+
+    import typer.main
+    from dvc.repo import Repo
+
+    from dinov2.cli import app
+
+    owned = [Path(out.fs_path).relative_to(REPOSITORY) for out in Repo(str(REPOSITORY)).index.outs]
+    assert Path("outputs/pretrain") in owned  # the check sees the pipeline's outputs
+
+    def overlaps(path: str) -> bool:
+        written = Path(path)
+        return any(written == out or out in written.parents or written in out.parents for out in owned)
+
+    written = {}
+    for declared in declared_deployments:
+        if declared.work_pool["name"] != "local":
+            continue
+        defaults = {
+            name: parameter.default for name, parameter in inspect.signature(declared.flow.fn).parameters.items()
+        }
+        for name in ("output", "out", "metrics"):
+            if name in defaults:
+                written[f"{declared.name} {name}"] = declared.parameters.get(name, defaults[name])
+    command = typer.main.get_command(app)
+    for name, option in (("pretrain", "output"), ("distill", "output"), ("evaluate", "out"), ("evaluate", "metrics")):
+        parameter = next(p for p in command.commands[name].params if p.name == option)
+        written[f"dinov2 {name} --{option}"] = str(parameter.default)
+    assert {"pretrain/cpu output", "distill/vits14 output", "evaluate/default out"} <= written.keys()
+    assert [f"{who}: {path}" for who, path in written.items() if overlaps(path)] == []
