@@ -89,6 +89,14 @@ class Tracker:
 
             mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
 
+    def last_step(self, key: str) -> int:
+        """The last step ``key`` was logged at in this run (0: never)."""
+        if not self.active:
+            return 0
+        from mlflow import MlflowClient
+
+        return max((metric.step for metric in MlflowClient().get_metric_history(self.run_id, key)), default=0)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.active:
             return

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.launchers import recipe_arguments, training_arguments
 from flows.services import check_tracking_server
-from flows.stages import DINOV2, artifact_key, publish_results, run_json_command, run_stage
+from flows.stages import DINOV2, artifact_key, named_run, publish_results, run_json_command, run_stage
 
 
 def distill_arguments(
@@ -27,7 +27,7 @@ def size_distillation(arguments: list[str]) -> dict[str, Any]:
     return run_json_command("distill dry run", [*DINOV2, *arguments, "--dry-run", "--json"])
 
 
-@flow(name="distill")
+@flow(name="distill", flow_run_name=named_run("recipe", "params.yaml", "output", "runs/distill"))
 def distill(
     recipe: str | None = None,
     teacher: str = "outputs/pretrain/teacher",

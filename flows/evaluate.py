@@ -3,7 +3,7 @@
 from prefect import flow
 
 from flows.services import check_tracking_server
-from flows.stages import DINOV2, publish_results, run_stage
+from flows.stages import DINOV2, named_run, publish_results, run_stage
 
 
 def evaluate_command(backbone: str, weights: str | None, params: str, out: str, metrics: str) -> list[str]:
@@ -11,7 +11,10 @@ def evaluate_command(backbone: str, weights: str | None, params: str, out: str, 
     return command + (["--weights", weights] if weights else [])
 
 
-@flow(name="evaluate")
+@flow(
+    name="evaluate",
+    flow_run_name=named_run("backbone", "outputs/pretrain/teacher/backbone.safetensors", "out", "runs/evaluate"),
+)
 def evaluate(
     backbone: str = "outputs/pretrain/teacher/backbone.safetensors",
     weights: str | None = None,

@@ -29,7 +29,15 @@ from flows.launchers import (
     run_slurm_job,
 )
 from flows.services import check_tracking_server
-from flows.stages import DINOV2, artifact_key, publish_results, retry_if_transient, run_command, run_json_command
+from flows.stages import (
+    DINOV2,
+    artifact_key,
+    named_run,
+    publish_results,
+    retry_if_transient,
+    run_command,
+    run_json_command,
+)
 
 
 @task(task_run_name="dry-run-{arguments[2]}", cache_policy=NO_CACHE)
@@ -91,7 +99,7 @@ def launch_run(launch: LaunchPlan, cluster: ClusterSettings) -> None:
         run_command("pretrain", launch.command, cwd=REPOSITORY)
 
 
-@flow(name="pretrain")
+@flow(name="pretrain", flow_run_name=named_run("recipe", "params.yaml", "output", "runs/pretrain"))
 def pretrain(
     recipe: str | None = None,
     data: str | None = None,

@@ -36,6 +36,18 @@ NON_TRANSIENT_EXIT_CODES = {2: "bad input", 3: "non-finite loss", 4: "collapsed 
 OUTPUT_TAIL_LINES = 20
 
 
+def named_run(what: str, default_what: str, where: str, default_where: str):
+    """A flow's ``flow_run_name``: ``<what> -> <where>`` from the run's parameters (the recipe or the backbone,
+    and the output folder), as the MLflow run of the stage is named, so one run is told apart from another of
+    the same flow in both UIs."""
+
+    def name() -> str:
+        parameters = flow_run.parameters
+        return f"{parameters.get(what) or default_what} -> {parameters.get(where) or default_where}"
+
+    return name
+
+
 class StageFailed(RuntimeError):
     """A stage command exited with a failure; ``transient`` says whether running it again may succeed."""
 

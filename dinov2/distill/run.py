@@ -2,7 +2,6 @@
 the training engine with the distillation objective."""
 
 import logging
-from datetime import date
 from pathlib import Path
 
 from dinov2.configuration.recipes import DistillRecipe, Recipe
@@ -11,7 +10,7 @@ from dinov2.distill.teacher import TeacherError, TeacherSpec, inspect_teacher, l
 from dinov2.train.checkpoints import state_folder
 from dinov2.train.head_fitting import HEAD_FITTING_FOLDER, fit_heads, head_fitting_recipe
 from dinov2.train.sources import read_heads
-from dinov2.train.train import RunResult, Tracking, run_training
+from dinov2.train.train import RunResult, Tracking, run_name, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def distill(
                 "give a teacher exported with heads (a pretraining run's teacher/ folder) or enable head fitting"
             )
         tracking = Tracking(
-            stage="distill", run_name=f"{recipe.name} head fitting {date.today().isoformat()}", tags=spec.identity()
+            stage="distill", run_name=run_name(recipe, output_dir, "head fitting"), tags=spec.identity()
         )
         fitting = fit_heads(
             lambda: head_fitting_recipe(recipe, distillation.head_fitting, teacher_as_student(spec)),
@@ -85,7 +84,7 @@ def distill(
         spec.heads_file, spec.heads = fitting.heads_file, read_heads(fitting.heads_file)
     teacher = load_teacher(spec)
     tracking = Tracking(
-        stage="distill", run_name=f"{recipe.name} {date.today().isoformat()}", tags=spec.identity(),
+        stage="distill", run_name=run_name(recipe, output_dir), tags=spec.identity(),
         params={"distill.teacher_architecture": spec.config},
     )  # fmt: skip
     return run_training(

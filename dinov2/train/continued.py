@@ -11,7 +11,6 @@ into it for the first iterations. So the heads are fitted first, with the backbo
 """
 
 import logging
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from dinov2.models import DinoVisionTransformer
 from dinov2.train.head_fitting import HEAD_FITTING_FOLDER, fit_heads, head_fitting_recipe
 from dinov2.train.sources import BackboneSource, SourceError, inspect_source, load_source, read_heads
 from dinov2.train.ssl_meta_arch import SSLMetaArch, build_backbone, build_heads
-from dinov2.train.train import RunResult, Tracking, run_training
+from dinov2.train.train import RunResult, Tracking, run_name, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +84,7 @@ def continue_pretraining(
     identity = spec.identity("dinov2.init")
     fitted_iterations = 0
     if heads == "fitted":
-        tracking = Tracking(
-            stage="pretrain", run_name=f"{recipe.name} head fitting {date.today().isoformat()}", tags=identity
-        )
+        tracking = Tracking(stage="pretrain", run_name=run_name(recipe, output_dir, "head fitting"), tags=identity)
         fitting = fit_heads(
             lambda: head_fitting_recipe(recipe, init.head_fitting, recipe.student.model_dump(mode="json")),
             lambda: load_init_backbone(recipe, spec), data, output_dir, tracking, max_iterations,
@@ -103,7 +100,7 @@ def continue_pretraining(
         logger.warning("%s %s has no heads and init.head_fitting.iterations is 0: the heads start random", ROLE,
                        spec.source)  # fmt: skip
     tracking = Tracking(
-        stage="pretrain", run_name=f"{recipe.name} {date.today().isoformat()}",
+        stage="pretrain", run_name=run_name(recipe, output_dir),
         tags={**identity, "dinov2.init_heads": heads}, params={"init.heads": heads},
         summary={"init/heads_fitted": float(heads == "fitted"), "init/head_fitting_iterations": fitted_iterations},
     )  # fmt: skip

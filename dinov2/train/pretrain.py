@@ -1,14 +1,13 @@
 """``pretrain()``: DINOv2 pretraining from scratch, or continued from a trained backbone (``init.source``,
 ``continued.py``), on the training engine (``train.py``)."""
 
-from datetime import date
 from pathlib import Path
 
 from dinov2.configuration.recipes import Recipe
 from dinov2.train.checkpoints import state_folder
 from dinov2.train.continued import continue_pretraining
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.train import RunResult, Tracking, run_training
+from dinov2.train.train import RunResult, Tracking, run_name, run_training
 
 
 def pretrain(
@@ -28,7 +27,7 @@ def pretrain(
         return continue_pretraining(
             recipe, data, output_dir, max_iterations=max_iterations, knn_data=knn_data, checkpoints=state
         )
-    tracking = Tracking(stage="pretrain", run_name=f"{recipe.name} {date.today().isoformat()}")
+    tracking = Tracking(stage="pretrain", run_name=run_name(recipe, output_dir))
     return run_training(
         lambda: SSLMetaArch(recipe), recipe, data, output_dir, tracking, max_iterations=max_iterations,
         knn_data=knn_data, checkpoints=state,

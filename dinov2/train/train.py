@@ -131,6 +131,12 @@ class Objective(Protocol):
         """Metric prefix -> backbone whose kNN accuracy is reported at the start and the end."""
 
 
+def run_name(recipe: Recipe, output_dir: str | Path, phase: str = "") -> str:
+    """An MLflow run's name: what trained (the recipe, the phase) and where its models are (the output folder),
+    so that runs of one recipe into different folders are told apart in the runs table."""
+    return " ".join(part for part in (recipe.name, phase, "->", Path(output_dir).as_posix()) if part)
+
+
 @dataclass
 class Tracking:
     """How a run appears in MLflow."""
@@ -164,6 +170,7 @@ class Run:
     knn_root: Path | None
     initial: dict[str, float]  # the kNN accuracies at initialisation
     skipped_images: int = 0
+    logged_through: int = 0  # the last iteration MLflow holds, from before a resume: not logged again
 
     @property
     def is_writer(self) -> bool:
@@ -347,7 +354,8 @@ def _after_step(
     due at it: the kNN probe, a checkpoint, an export."""
     recipe, total = run.recipe, run.recipe.total_iterations
     plain = {key.removeprefix("train/"): value for key, value in metrics.items()}
-    tracker.log_metrics(metrics, step=iteration)
+    if iteration > run.logged_through:
+        tracker.log_metrics(metrics, step=iteration)
     for warning in monitor.update(iteration, plain):
         tracker.set_tags({"dinov2.collapse": warning[:5000]})
     history.append(iteration, plain)
@@ -358,7 +366,9 @@ def _after_step(
         )  # fmt: skip
     knn_every = recipe.evaluation.knn_every_n_iterations
     if run.knn_root is not None and knn_every and iteration % knn_every == 0 and iteration < total:
-        tracker.log_metrics({f"train/{k}": v for k, v in run.knn().items()}, step=iteration)
+        knn = run.knn()
+        if iteration > run.logged_through:
+            tracker.log_metrics({f"train/{k}": v for k, v in knn.items()}, step=iteration)
         run.objective.train()
     if iteration % recipe.checkpoint.every_n_iterations == 0 or iteration == run.stop:
         tag = checkpoint_tag(iteration)
@@ -413,6 +423,9 @@ def run_training(
         tags=tracking.tags, resume_run_id=_resumed_run(run, run_file),
     ) as tracker:  # fmt: skip
         _open_run(run, tracker, tracking, data, run_file)
+        if run.start > 0:
+            # steps logged after the checkpoint, before the run stopped, are in MLflow already: each step once
+            run.logged_through = tracker.last_step("train/total_loss")
         if run.start == 0 and run.initial:
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=0)
         history = MetricsHistory(output_dir / HISTORY, run.start, enabled=run.is_writer)
