@@ -62,6 +62,30 @@ class LaunchPlan:
     engine_command: list[str]
     files: dict[str, str] = field(default_factory=dict)
     job_name: str = ""
+    warnings: list[str] = field(default_factory=list)  # what the ranks will miss, said before the launch
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def unreachable_tracking(uri: str) -> str | None:
+    """Why ranks on other machines cannot log to the MLflow tracking ``uri`` (this machine's loopback address or
+    a local file store), or None when they may."""
+    from urllib.parse import urlparse
+
+    if not uri:
+        return None  # tracking is off
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https") and (parsed.hostname or "") not in LOOPBACK_HOSTS:
+        return None
+    if parsed.scheme in ("http", "https"):
+        where = f"{parsed.hostname}, this machine's loopback address"
+    else:
+        where = "a store on this machine's file system"
+    return (
+        f"MLFLOW_TRACKING_URI {uri} is {where}: the compute nodes cannot reach it and the run will not be tracked; "
+        "set it to a server the nodes reach (http://<host>:5000)"
+    )
 
 
 def training_arguments(command: list[str], data: str | None, output: str, overrides: list[str]) -> list[str]:
@@ -144,7 +168,7 @@ def launch_plan(
             engine_arguments=engine, environment=environment,
         )  # fmt: skip
         command = ["sbatch", "--parsable", "pretrain.sbatch"]
-        return LaunchPlan(launcher, command, engine, {"pretrain.sbatch": script}, name)
+        return LaunchPlan(launcher, command, engine, {"pretrain.sbatch": script}, name, _remote_warnings(environment))
     if launcher == "kubernetes":
         engine = ["-m", "dinov2", *arguments]
         manifest = render(
@@ -152,8 +176,13 @@ def launch_plan(
             engine_arguments=engine, environment=environment,
         )  # fmt: skip
         command = ["kubectl", "apply", "--namespace", cluster.namespace, "-f", "pytorchjob.yaml"]
-        return LaunchPlan(launcher, command, engine, {"pytorchjob.yaml": manifest}, name)
+        return LaunchPlan(launcher, command, engine, {"pytorchjob.yaml": manifest}, name, _remote_warnings(environment))
     raise ValueError(f"unknown launcher {launcher!r}; expected local, deepspeed, slurm or kubernetes")
+
+
+def _remote_warnings(environment: dict[str, str]) -> list[str]:
+    problem = unreachable_tracking(environment.get("MLFLOW_TRACKING_URI", ""))
+    return [problem] if problem else []
 
 
 def write_files(plan: LaunchPlan, folder: Path) -> None:

@@ -71,6 +71,8 @@ def plan_markdown(plan: dict[str, Any], launch: LaunchPlan, nodes: int, gpus_per
         configuration = json.dumps(plan["deepspeed_config"], indent=2)
         lines += ["", "## DeepSpeed configuration", "", "```json", configuration, "```"]
     lines += ["", "## Launch", "", "```bash", shlex.join(launch.command), "```"]
+    for warning in launch.warnings:
+        lines += ["", f"> **Warning:** {warning}"]
     for name, text in launch.files.items():
         lines += ["", f"`{name}`:", "", "```", text.rstrip(), "```"]
     return "\n".join(lines)
@@ -131,6 +133,8 @@ def pretrain(
         launcher, arguments, nodes=nodes, gpus_per_node=gpus_per_node, cluster=cluster,
         name=job_name(recipe, flow_run.id), environment=environment,
     )  # fmt: skip
+    for warning in launch.warnings:
+        get_run_logger().warning(warning)
     if dry_run:
         create_markdown_artifact(
             plan_markdown(plan, launch, nodes, gpus_per_node),

@@ -278,3 +278,22 @@ def test_deployments_and_commands_run_by_hand_write_outside_the_folders_dvc_owns
         written[f"dinov2 {name} --{option}"] = str(parameter.default)
     assert {"pretrain/cpu output", "distill/vits14 output", "evaluate/default out"} <= written.keys()
     assert [f"{who}: {path}" for who, path in written.items() if overlaps(path)] == []
+
+
+def test_a_cluster_launch_warns_when_its_nodes_cannot_reach_the_tracking_server():
+    """The plan (and the flow run's log) says so before anything is submitted; a local launch does not care."""
+    parameters = deployment("pretrain/vitg")
+    arguments = pretrain_arguments(parameters["recipe"], parameters.get("data"), parameters["output"], [])
+
+    def plan(launcher: str, uri: str):
+        environment = {**ENVIRONMENT, "MLFLOW_TRACKING_URI": uri}
+        return launch_plan(
+            launcher, arguments, nodes=1, gpus_per_node=1, cluster=ClusterSettings(), name="dinov2-test-0123abcd",
+            environment=environment,
+        )  # fmt: skip
+
+    (warning,) = plan("slurm", "http://127.0.0.1:5000").warnings
+    assert "http://127.0.0.1:5000" in warning and "cannot reach" in warning
+    assert plan("kubernetes", "sqlite:///mlflow.db").warnings
+    assert plan("slurm", "http://mlflow.cluster:5000").warnings == []
+    assert plan("local", "http://127.0.0.1:5000").warnings == []
