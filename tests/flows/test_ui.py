@@ -98,7 +98,8 @@ def pretrain_flow_run(services) -> tuple[str, str]:
         cwd=REPOSITORY, env=services.environment, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    name = re.search(r"Flow run '([\w-]+)' - Finished in state Completed", result.stdout + result.stderr).group(1)
+    name = re.search(r"Flow run '([^']+)' - Finished in state Completed", result.stdout + result.stderr).group(1)
+    assert name == "vitg14 -> runs/pretrain"  # named for its recipe and output folder
     (found,) = services.api("/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
     return found["id"], name
 

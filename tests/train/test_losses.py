@@ -126,7 +126,9 @@ def _rank_sinkhorn_and_centers(rank: int, world: int, port: int, logits: torch.T
     ibot = iBOTPatchLoss(patch_out_dim=logits.shape[1])
     masked = shard[: rank + 1]  # ranks hold different numbers of masked patches
     ibot.update_center(masked)
-    queue.put((rank, assignments, dino.center, ibot.center))
+    # numpy arrays travel by value; a tensor would travel as a shared-memory handle that the parent fetches from
+    # this process, which may have exited by then (connection reset)
+    queue.put((rank, *(tensor.detach().numpy().copy() for tensor in (assignments, dino.center, ibot.center))))
     dist.destroy_process_group()
 
 
@@ -141,6 +143,7 @@ def test_two_ranks_compute_the_same_targets_and_centers_as_one_process(unused_po
     for process in processes:
         process.start()
     results = sorted(queue.get(timeout=120) for _ in processes)
+    results = [(rank, *(torch.from_numpy(array) for array in arrays)) for rank, *arrays in results]
     for process in processes:
         process.join(timeout=60)
     single = sinkhorn_knopp(logits, teacher_temp=0.5, n_samples=8)
