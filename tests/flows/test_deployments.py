@@ -167,6 +167,8 @@ def test_vitg_dry_run_completes_and_publishes_its_plan(services, deployment_runs
     assert "#SBATCH --nodes=32" in plan and "#SBATCH --gpus-per-node=8" in plan
     assert f"export PREFECT__FLOW_RUN_ID={flow_run_id}" in plan
     assert "-m dinov2 pretrain --recipe vitg14 --data /mnt/dinov2/data/curated.parquet" in plan
+    # the services here listen on 127.0.0.1, which no compute node reaches: the plan says so before any submission
+    assert "cannot reach it" in plan
 
 
 def test_cpu_pretraining_killed_after_a_checkpoint_resumes_completes_and_is_tagged_in_mlflow(
