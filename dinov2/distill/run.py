@@ -56,13 +56,13 @@ def distill(
     by the recipe, the data and the teacher's files (``state_folder``); default: ``output_dir/checkpoints``."""
     output_dir = Path(output_dir)
     distillation = recipe.distillation
+    spec = inspect_teacher(distillation.teacher, distillation.teacher_weights)
+    check_token_grids(recipe, spec)
+    # after the checks: the key reads the teacher's files whole
     state = (
         None if checkpoints is None
         else state_folder(Path(checkpoints), recipe, data, [distillation.teacher, distillation.teacher_weights])
     )  # fmt: skip
-    distillation = recipe.distillation
-    spec = inspect_teacher(distillation.teacher, distillation.teacher_weights)
-    check_token_grids(recipe, spec)
     if not spec.has_heads:
         if distillation.head_fitting.iterations == 0:
             raise TeacherError(

@@ -177,11 +177,7 @@ class Run:
         return self.rank == 0
 
     def export(self, folder: Callable[[str], Path], iteration: int) -> list[Path]:
-        metadata = {"recipe": self.recipe.name, "iteration": iteration}
-        return [
-            export_models(models, folder(name), self.is_writer, metadata)
-            for name, models in self.objective.exports().items()
-        ]
+        return export_objective(self.objective, self.recipe, folder, iteration, self.is_writer)
 
     def knn(self, suffix: str = "") -> dict[str, float]:
         return knn_metrics(self.objective, self.knn_root, self.recipe, self.device, suffix)
@@ -258,6 +254,14 @@ def _initial_record(output_dir: Path) -> dict[str, float] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def export_objective(
+    objective, recipe: Recipe, folder: Callable[[str], Path], iteration: int, is_writer: bool
+) -> list[Path]:
+    """The objective's models (``exports()``) written at ``folder(name)``, tagged with the recipe and iteration."""
+    metadata = {"recipe": recipe.name, "iteration": iteration}
+    return [export_models(models, folder(name), is_writer, metadata) for name, models in objective.exports().items()]
+
+
 def begin(
     objective, recipe: Recipe, device: torch.device, knn_root: Path | None, output_dir: Path, is_writer: bool
 ) -> dict[str, float]:
@@ -265,9 +269,7 @@ def begin(
     export. Done again before resuming into an output folder that lacks them, from the seed's initialisation
     (before the checkpoint is loaded), so a resumed run's outputs are those of an uninterrupted one."""
     initial = knn_metrics(objective, knn_root, recipe, device, "_init") if knn_root is not None else {}
-    metadata = {"recipe": recipe.name, "iteration": 0}
-    for name, models in objective.exports().items():
-        export_models(models, output_dir / "exports" / "iter_0000000" / name, is_writer, metadata)
+    export_objective(objective, recipe, lambda name: output_dir / "exports" / checkpoint_tag(0) / name, 0, is_writer)
     if is_writer:
         write_json(initial, output_dir / INITIAL_FILE)
     return initial
@@ -379,7 +381,7 @@ def _after_step(
             recipe.checkpoint.keep_last, run.is_writer,
         )  # fmt: skip
     if iteration % recipe.checkpoint.export_every_n_iterations == 0 or iteration == total:
-        run.export(lambda name: run.output_dir / "exports" / f"iter_{iteration:07d}" / name, iteration)
+        run.export(lambda name: run.output_dir / "exports" / checkpoint_tag(iteration) / name, iteration)
 
 
 def _finish(run: Run, iteration: int, tracker: Tracker) -> dict[str, float]:
